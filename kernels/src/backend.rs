@@ -1,0 +1,246 @@
+//! The backend interface: the narrow set of ops the model is written against,
+//! once. A backend owns device memory (`Buf`, always f32 for compute) and hands
+//! out borrowed views of ranges of it, so parameters and gradients can live in
+//! one flat buffer each (one all-reduce, one zero-grad) while ops see tensors.
+//!
+//! Conventions (as in llm.c):
+//! - Row-major. Shapes are written beside every argument: B batch, T sequence,
+//!   C hidden, F intermediate, V vocab, NH query heads, NKV key/value heads,
+//!   HD head dim, N = B*T rows.
+//! - Forward ops overwrite their outputs.
+//! - Backward ops ADD (+=) into every gradient they produce, so residual
+//!   branches and gradient accumulation need no extra copies. The caller zeroes.
+//! - Integer inputs (token ids, targets, masks, positions) are host slices: they
+//!   are small, and the CUDA backend uploads them itself.
+
+use crate::KernelError;
+use std::ops::Range;
+
+pub type Result<T> = std::result::Result<T, KernelError>;
+
+/// Shape of one matrix product `out[m,n] = alpha * op(a) · op(b) (+ out)`.
+/// `op(a)` is `[m,k]`: `a` is stored `[m,k]`, or `[k,m]` when `trans_a`.
+/// `op(b)` is `[k,n]`: `b` is stored `[k,n]`, or `[n,k]` when `trans_b`
+/// (a `nn.Linear` weight `[out,in]` is used with `trans_b = true`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub alpha: f32,
+    /// false: `out = alpha·a·b`; true: `out += alpha·a·b`.
+    pub accumulate: bool,
+}
+
+impl Gemm {
+    /// `y[m,n] = x[m,k] · w[n,k]^T` — the forward of a linear layer.
+    pub fn linear(m: usize, n: usize, k: usize) -> Self {
+        Gemm { m, n, k, trans_a: false, trans_b: true, alpha: 1.0, accumulate: false }
+    }
+}
+
+/// Shape of causal self-attention with grouped-query heads.
+/// q: `[B,T,NH,HD]`, k and v: `[B,T,NKV,HD]`, out: `[B,T,NH,HD]`,
+/// lse (log-sum-exp of each softmax row, kept for backward): `[B,NH,T]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnShape {
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub hd: usize,
+}
+
+/// A compute backend. `Buf` is an owned f32 allocation on the device;
+/// `View`/`ViewMut` borrow a range of one.
+pub trait Backend: Send + Sync {
+    type Buf: Send + Sync;
+    type View<'a>
+    where
+        Self: 'a;
+    type ViewMut<'a>
+    where
+        Self: 'a;
+
+    fn name(&self) -> &'static str;
+
+    // ---- memory ---------------------------------------------------------
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    fn view<'a>(&self, buf: &'a Self::Buf, range: Range<usize>) -> Self::View<'a>;
+    fn view_mut<'a>(&self, buf: &'a mut Self::Buf, range: Range<usize>) -> Self::ViewMut<'a>;
+    fn download(&self, src: Self::View<'_>) -> Result<Vec<f32>>;
+    /// dst[i] = src[i]; lengths must match.
+    fn copy(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>) -> Result<()>;
+    /// Overwrite with host data; lengths must match.
+    fn write(&self, dst: Self::ViewMut<'_>, host: &[f32]) -> Result<()>;
+    fn fill(&self, dst: Self::ViewMut<'_>, value: f32) -> Result<()>;
+
+    // ---- elementwise ----------------------------------------------------
+    /// y += alpha * x
+    fn axpy(&self, y: Self::ViewMut<'_>, alpha: f32, x: Self::View<'_>) -> Result<()>;
+    /// x *= s
+    fn scale(&self, x: Self::ViewMut<'_>, s: f32) -> Result<()>;
+    /// sum of squares, accumulated in f64 (for the global gradient norm).
+    fn sum_squares(&self, x: Self::View<'_>) -> Result<f64>;
+
+    // ---- matmul ---------------------------------------------------------
+    /// out[m,n] (=|+=) alpha * op(a)[m,k] · op(b)[k,n]; see [`Gemm`].
+    fn gemm(&self, out: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>, g: Gemm) -> Result<()>;
+    /// x[N,C] += bias[C] (Qwen2's q/k/v biases).
+    fn add_bias(&self, x: Self::ViewMut<'_>, bias: Self::View<'_>, c: usize) -> Result<()>;
+    /// dbias[C] += sum over rows of dout[N,C].
+    fn bias_backward(&self, dbias: Self::ViewMut<'_>, dout: Self::View<'_>, c: usize) -> Result<()>;
+
+    // ---- embedding ------------------------------------------------------
+    /// out[N,C] = table[ids[n], :]. table: [V,C]. Every id must be < V.
+    fn embedding_forward(&self, out: Self::ViewMut<'_>, table: Self::View<'_>, ids: &[u32], c: usize) -> Result<()>;
+    /// dtable[ids[n], :] += dout[n, :].
+    fn embedding_backward(&self, dtable: Self::ViewMut<'_>, dout: Self::View<'_>, ids: &[u32], c: usize) -> Result<()>;
+
+    // ---- RMSNorm: out = x / sqrt(mean(x^2) + eps) * w -------------------
+    /// out[N,C], rstd[N] (1/sqrt(mean(x^2)+eps), kept for backward); x[N,C], w[C].
+    fn rmsnorm_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        rstd: Self::ViewMut<'_>,
+        x: Self::View<'_>,
+        w: Self::View<'_>,
+        c: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// dx[N,C] += ..., dw[C] += ... (dw may be None when the weight is frozen).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        dx: Self::ViewMut<'_>,
+        dw: Option<Self::ViewMut<'_>>,
+        dout: Self::View<'_>,
+        x: Self::View<'_>,
+        w: Self::View<'_>,
+        rstd: Self::View<'_>,
+        c: usize,
+    ) -> Result<()>;
+
+    // ---- rotary embedding (HF "rotate_half" layout) ----------------------
+    /// In place on x[N, H, HD]: for i < HD/2, with (c, s) = (cos, sin)[pos[n], i]:
+    /// x1' = x1·c − x2·s, x2' = x2·c + x1·s, where x1 = x[..i], x2 = x[..i+HD/2].
+    /// cos, sin: [P, HD/2] tables; positions: [N], each < P.
+    fn rope_forward(
+        &self,
+        x: Self::ViewMut<'_>,
+        cos: Self::View<'_>,
+        sin: Self::View<'_>,
+        positions: &[u32],
+        heads: usize,
+        hd: usize,
+    ) -> Result<()>;
+    /// In place on dx[N, H, HD]: the transpose of the rotation (rotate by −angle).
+    fn rope_backward(
+        &self,
+        dx: Self::ViewMut<'_>,
+        cos: Self::View<'_>,
+        sin: Self::View<'_>,
+        positions: &[u32],
+        heads: usize,
+        hd: usize,
+    ) -> Result<()>;
+
+    // ---- causal self-attention, grouped-query ----------------------------
+    /// out = softmax(q·kᵀ/sqrt(HD) + causal mask + key padding mask) · v.
+    /// Query head h reads key/value head h / (NH/NKV). `key_mask`: [B,T], 0 = padding
+    /// (never attended to). A query row with no visible key gets out = 0.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        lse: Self::ViewMut<'_>,
+        q: Self::View<'_>,
+        k: Self::View<'_>,
+        v: Self::View<'_>,
+        key_mask: Option<&[u8]>,
+        s: AttnShape,
+    ) -> Result<()>;
+    /// dq, dk, dv += gradients, recomputing the probabilities from q, k and lse.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dq: Self::ViewMut<'_>,
+        dk: Self::ViewMut<'_>,
+        dv: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        q: Self::View<'_>,
+        k: Self::View<'_>,
+        v: Self::View<'_>,
+        out: Self::View<'_>,
+        lse: Self::View<'_>,
+        key_mask: Option<&[u8]>,
+        s: AttnShape,
+    ) -> Result<()>;
+
+    // ---- SiLU-gated MLP activation: h = silu(gate) * up ------------------
+    /// out[N,F] = silu(gate) * up.
+    fn swiglu_forward(&self, out: Self::ViewMut<'_>, gate: Self::View<'_>, up: Self::View<'_>) -> Result<()>;
+    /// dgate += dout * up * silu'(gate); dup += dout * silu(gate).
+    fn swiglu_backward(
+        &self,
+        dgate: Self::ViewMut<'_>,
+        dup: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        gate: Self::View<'_>,
+        up: Self::View<'_>,
+    ) -> Result<()>;
+
+    // ---- dropout with a counter-based mask (same mask on every backend) ---
+    /// out = x * keep / (1-p), keep[i] = dropout_keep(seed, i, p).
+    fn dropout_forward(&self, out: Self::ViewMut<'_>, x: Self::View<'_>, p: f32, seed: u64) -> Result<()>;
+    /// dx += dout * keep / (1-p), regenerating the same mask from `seed`.
+    fn dropout_backward(&self, dx: Self::ViewMut<'_>, dout: Self::View<'_>, p: f32, seed: u64) -> Result<()>;
+
+    // ---- softmax cross-entropy -------------------------------------------
+    /// logits: [N,V]; targets: [N] with -100 = ignored. Returns the per-row loss
+    /// −log softmax(logits)[target] (0 for ignored rows). When `grad_scale` is
+    /// Some(s), logits are overwritten in place by s·(softmax − onehot(target))
+    /// (zero rows for ignored targets) — the gradient, without a second [N,V] buffer.
+    fn cross_entropy(&self, logits: Self::ViewMut<'_>, targets: &[i32], v: usize, grad_scale: Option<f32>) -> Result<Vec<f32>>;
+
+    // ---- optimizer ------------------------------------------------------
+    /// One AdamW step (torch.optim.AdamW semantics, decoupled weight decay),
+    /// elementwise on params, grads, m, v of equal length. `step` counts from 1.
+    fn adamw(
+        &self,
+        params: Self::ViewMut<'_>,
+        grads: Self::View<'_>,
+        m: Self::ViewMut<'_>,
+        v: Self::ViewMut<'_>,
+        h: AdamW,
+    ) -> Result<()>;
+}
+
+/// AdamW hyper-parameters for one step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub step: u64,
+}
+
+/// The dropout mask: whether element `i` is kept under seed `seed` with drop
+/// probability `p`. A hash of (seed, i) (splitmix64), so every backend and every
+/// recomputation draws the identical mask without storing it.
+#[inline]
+pub fn dropout_keep(seed: u64, i: u64, p: f32) -> bool {
+    let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    // top 24 bits -> uniform in [0,1)
+    let u = (z >> 40) as f32 / (1u64 << 24) as f32;
+    u >= p
+}

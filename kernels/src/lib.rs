@@ -1,0 +1,20 @@
+//! Kernels: the backend interface the model is written against, and its backends.
+//! `cpu` is always available; `cuda` arrives with the CUDA issue.
+
+pub mod backend;
+pub mod cpu;
+
+pub use backend::{AdamW, AttnShape, Backend, Gemm};
+pub use cpu::Cpu;
+
+/// Errors a kernel can report. Shape mistakes are caller bugs, but they are
+/// reported (not panicked) so a bad checkpoint can never crash a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("{op}: {msg}")]
+    Shape { op: &'static str, msg: String },
+    #[error("{op}: id {id} out of range for a table of {rows} rows")]
+    IndexOutOfRange { op: &'static str, id: u64, rows: usize },
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+}

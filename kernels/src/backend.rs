@@ -37,7 +37,15 @@ pub struct Gemm {
 impl Gemm {
     /// `y[m,n] = x[m,k] · w[n,k]^T` — the forward of a linear layer.
     pub fn linear(m: usize, n: usize, k: usize) -> Self {
-        Gemm { m, n, k, trans_a: false, trans_b: true, alpha: 1.0, accumulate: false }
+        Gemm {
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b: true,
+            alpha: 1.0,
+            accumulate: false,
+        }
     }
 }
 
@@ -89,17 +97,36 @@ pub trait Backend: Send + Sync {
 
     // ---- matmul ---------------------------------------------------------
     /// out[m,n] (=|+=) alpha * op(a)[m,k] · op(b)[k,n]; see [`Gemm`].
-    fn gemm(&self, out: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>, g: Gemm) -> Result<()>;
+    fn gemm(
+        &self,
+        out: Self::ViewMut<'_>,
+        a: Self::View<'_>,
+        b: Self::View<'_>,
+        g: Gemm,
+    ) -> Result<()>;
     /// x[N,C] += bias[C] (Qwen2's q/k/v biases).
     fn add_bias(&self, x: Self::ViewMut<'_>, bias: Self::View<'_>, c: usize) -> Result<()>;
     /// dbias[C] += sum over rows of dout[N,C].
-    fn bias_backward(&self, dbias: Self::ViewMut<'_>, dout: Self::View<'_>, c: usize) -> Result<()>;
+    fn bias_backward(&self, dbias: Self::ViewMut<'_>, dout: Self::View<'_>, c: usize)
+        -> Result<()>;
 
     // ---- embedding ------------------------------------------------------
     /// out[N,C] = table[ids[n], :]. table: [V,C]. Every id must be < V.
-    fn embedding_forward(&self, out: Self::ViewMut<'_>, table: Self::View<'_>, ids: &[u32], c: usize) -> Result<()>;
+    fn embedding_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        table: Self::View<'_>,
+        ids: &[u32],
+        c: usize,
+    ) -> Result<()>;
     /// dtable[ids[n], :] += dout[n, :].
-    fn embedding_backward(&self, dtable: Self::ViewMut<'_>, dout: Self::View<'_>, ids: &[u32], c: usize) -> Result<()>;
+    fn embedding_backward(
+        &self,
+        dtable: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        ids: &[u32],
+        c: usize,
+    ) -> Result<()>;
 
     // ---- RMSNorm: out = x / sqrt(mean(x^2) + eps) * w -------------------
     /// out[N,C], rstd[N] (1/sqrt(mean(x^2)+eps), kept for backward); x[N,C], w[C].
@@ -183,7 +210,12 @@ pub trait Backend: Send + Sync {
 
     // ---- SiLU-gated MLP activation: h = silu(gate) * up ------------------
     /// out[N,F] = silu(gate) * up.
-    fn swiglu_forward(&self, out: Self::ViewMut<'_>, gate: Self::View<'_>, up: Self::View<'_>) -> Result<()>;
+    fn swiglu_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        gate: Self::View<'_>,
+        up: Self::View<'_>,
+    ) -> Result<()>;
     /// dgate += dout * up * silu'(gate); dup += dout * silu(gate).
     fn swiglu_backward(
         &self,
@@ -196,16 +228,34 @@ pub trait Backend: Send + Sync {
 
     // ---- dropout with a counter-based mask (same mask on every backend) ---
     /// out = x * keep / (1-p), keep[i] = dropout_keep(seed, i, p).
-    fn dropout_forward(&self, out: Self::ViewMut<'_>, x: Self::View<'_>, p: f32, seed: u64) -> Result<()>;
+    fn dropout_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        x: Self::View<'_>,
+        p: f32,
+        seed: u64,
+    ) -> Result<()>;
     /// dx += dout * keep / (1-p), regenerating the same mask from `seed`.
-    fn dropout_backward(&self, dx: Self::ViewMut<'_>, dout: Self::View<'_>, p: f32, seed: u64) -> Result<()>;
+    fn dropout_backward(
+        &self,
+        dx: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        p: f32,
+        seed: u64,
+    ) -> Result<()>;
 
     // ---- softmax cross-entropy -------------------------------------------
     /// logits: [N,V]; targets: [N] with -100 = ignored. Returns the per-row loss
     /// −log softmax(logits)[target] (0 for ignored rows). When `grad_scale` is
     /// Some(s), logits are overwritten in place by s·(softmax − onehot(target))
     /// (zero rows for ignored targets) — the gradient, without a second [N,V] buffer.
-    fn cross_entropy(&self, logits: Self::ViewMut<'_>, targets: &[i32], v: usize, grad_scale: Option<f32>) -> Result<Vec<f32>>;
+    fn cross_entropy(
+        &self,
+        logits: Self::ViewMut<'_>,
+        targets: &[i32],
+        v: usize,
+        grad_scale: Option<f32>,
+    ) -> Result<Vec<f32>>;
 
     // ---- optimizer ------------------------------------------------------
     /// One AdamW step (torch.optim.AdamW semantics, decoupled weight decay),

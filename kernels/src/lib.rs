@@ -14,7 +14,11 @@ pub enum KernelError {
     #[error("{op}: {msg}")]
     Shape { op: &'static str, msg: String },
     #[error("{op}: id {id} out of range for a table of {rows} rows")]
-    IndexOutOfRange { op: &'static str, id: u64, rows: usize },
+    IndexOutOfRange {
+        op: &'static str,
+        id: u64,
+        rows: usize,
+    },
     #[error("backend unavailable: {0}")]
     Unavailable(String),
 }

@@ -1,2 +1,11 @@
 //! The worker: the Llama-family model written once against the backend
 //! interface, LoRA, data formats, training stages, optimizer, checkpoints.
+
+pub mod data;
+pub mod demo;
+pub mod fsutil;
+pub mod init_model;
+pub mod model;
+pub mod stages;
+pub mod tokenizer;
+pub mod train;

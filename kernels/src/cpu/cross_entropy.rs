@@ -1,0 +1,207 @@
+//! Softmax cross-entropy over logits[N,V], fused with its gradient so the
+//! [N,V] logits buffer is reused for dlogits (V is 150k for Qwen: a second
+//! buffer would be the largest activation of the model).
+
+use super::check::{expect_len, rows_of, shape_err};
+use super::par::rows_per_task;
+use crate::backend::Result;
+use crate::KernelError;
+use rayon::prelude::*;
+
+/// The target that marks a row as ignored (PyTorch's `ignore_index`).
+pub const IGNORE: i32 = -100;
+
+/// Per-row loss −log softmax(logits)[target] (0 for ignored rows). With
+/// `grad_scale` = Some(s), logits become s·(softmax − onehot(target)), zero rows
+/// for ignored targets.
+pub fn cross_entropy(
+    logits: &mut [f32],
+    targets: &[i32],
+    v: usize,
+    grad_scale: Option<f32>,
+) -> Result<Vec<f32>> {
+    const OP: &str = "cross_entropy";
+    let n = rows_of(OP, "logits", logits.len(), v)?;
+    expect_len(OP, "targets", targets.len(), n)?;
+    for (row, &t) in targets.iter().enumerate() {
+        if t == IGNORE {
+            continue;
+        }
+        if t < 0 {
+            return Err(shape_err(
+                OP,
+                format!("target {t} at row {row} is negative and not {IGNORE}"),
+            ));
+        }
+        if t as usize >= v {
+            return Err(KernelError::IndexOutOfRange {
+                op: OP,
+                id: t as u64,
+                rows: v,
+            });
+        }
+    }
+
+    let mut losses = vec![0.0f32; n]; // [N]
+    logits
+        .par_chunks_mut(v)
+        .zip(targets.par_iter())
+        .zip(losses.par_iter_mut())
+        .with_min_len(rows_per_task(v))
+        .for_each(|((row, &t), loss)| {
+            if t == IGNORE {
+                if grad_scale.is_some() {
+                    row.fill(0.0);
+                }
+                return;
+            }
+            let t = t as usize;
+            // Subtract the max so exp never overflows; sum in f64 over V terms.
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f64 = match grad_scale {
+                // Keep exp(x − max) in the row: the gradient reuses it.
+                Some(_) => {
+                    let target_logit = row[t];
+                    let mut sum = 0.0f64;
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x as f64;
+                    }
+                    *loss = (max as f64 + sum.ln() - target_logit as f64) as f32;
+                    sum
+                }
+                None => {
+                    let sum = row.iter().map(|&x| (x - max).exp() as f64).sum::<f64>();
+                    *loss = (max as f64 + sum.ln() - row[t] as f64) as f32;
+                    sum
+                }
+            };
+            if let Some(s) = grad_scale {
+                let k = (s as f64 / sum) as f32; // s / Σexp
+                row.iter_mut().for_each(|e| *e *= k);
+                row[t] -= s;
+            }
+        });
+    Ok(losses)
+}
+
+/// Reference: plain loops in f64. Returns (loss[N], dlogits[N,V] for scale s).
+pub mod naive {
+    use super::IGNORE;
+
+    pub fn cross_entropy(
+        logits: &[f64],
+        targets: &[i32],
+        v: usize,
+        s: f64,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let n = targets.len();
+        let mut loss = vec![0.0; n];
+        let mut grad = vec![0.0; n * v];
+        for i in 0..n {
+            if targets[i] == IGNORE {
+                continue;
+            }
+            let row = &logits[i * v..(i + 1) * v];
+            let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let mut sum = 0.0;
+            for &x in row {
+                sum += (x - max).exp();
+            }
+            let lse = max + sum.ln();
+            let t = targets[i] as usize;
+            loss[i] = lse - row[t];
+            for j in 0..v {
+                let onehot = if j == t { 1.0 } else { 0.0 };
+                grad[i * v + j] = s * ((row[j] - lse).exp() - onehot);
+            }
+        }
+        (loss, grad)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::testutil::{assert_close, fd_grad, rng, to64, uniform};
+    use rand::Rng;
+
+    fn targets(r: &mut impl Rng, n: usize, v: usize) -> Vec<i32> {
+        (0..n)
+            .map(|i| {
+                if i % 4 == 3 {
+                    IGNORE
+                } else {
+                    r.random_range(0..v as i32)
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_naive() {
+        let mut r = rng(80);
+        for (n, v) in [(1, 1), (4, 3), (17, 65), (9, 5000), (130, 31)] {
+            // Logits spread over ±20 so the max-subtraction matters.
+            let logits: Vec<f32> = uniform(&mut r, n * v).iter().map(|x| 20.0 * x).collect();
+            let t = targets(&mut r, n, v);
+            let (want_loss, want_grad) = naive::cross_entropy(&to64(&logits), &t, v, 0.25);
+
+            let mut l = logits.clone();
+            let loss = cross_entropy(&mut l, &t, v, None).unwrap();
+            assert_close("loss (no grad)", &loss, &want_loss, 1e-5);
+            assert_eq!(l, logits, "logits must be untouched without grad_scale");
+
+            let loss = cross_entropy(&mut l, &t, v, Some(0.25)).unwrap();
+            assert_close("loss", &loss, &want_loss, 1e-5);
+            assert_close("dlogits", &l, &want_grad, 1e-5);
+        }
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let mut r = rng(81);
+        let (n, v, s) = (4, 6, 0.5);
+        let logits = uniform(&mut r, n * v);
+        let t = targets(&mut r, n, v);
+        let fd = fd_grad(&to64(&logits), |x| {
+            s * naive::cross_entropy(x, &t, v, s).0.iter().sum::<f64>()
+        });
+        let mut g = logits.clone();
+        cross_entropy(&mut g, &t, v, Some(s as f32)).unwrap();
+        assert_close("dlogits vs fd", &g, &fd, 1e-5);
+    }
+
+    #[test]
+    fn huge_logits_stay_finite() {
+        let mut l = vec![1e30f32, -1e30, 0.0, 88.0, 89.0, 1000.0];
+        let loss = cross_entropy(&mut l, &[1, 2], 3, Some(1.0)).unwrap();
+        assert!(
+            loss.iter().chain(&l).all(|x| x.is_finite()),
+            "{loss:?} {l:?}"
+        );
+        assert!((loss[1] - 0.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn bad_targets_are_errors_not_panics() {
+        let mut l = vec![0.0f32; 6];
+        assert!(matches!(
+            cross_entropy(&mut l, &[0, 3], 3, None),
+            Err(KernelError::IndexOutOfRange { id: 3, rows: 3, .. })
+        ));
+        assert!(matches!(
+            cross_entropy(&mut l, &[-1, 0], 3, None),
+            Err(KernelError::Shape { .. })
+        ));
+        assert!(matches!(
+            cross_entropy(&mut l, &[0], 3, None),
+            Err(KernelError::Shape { .. })
+        ));
+        assert!(matches!(
+            cross_entropy(&mut l, &[0, 0], 4, None),
+            Err(KernelError::Shape { .. })
+        ));
+        assert!(cross_entropy(&mut l, &[0, IGNORE], 3, Some(1.0)).is_ok());
+    }
+}

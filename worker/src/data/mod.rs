@@ -1,0 +1,7 @@
+//! Data formats: reading MedicalGPT training files and turning them into
+//! token blocks for the training stages.
+//!
+//! `pretrain`: the PT stage's `.txt` / `.json` / `.jsonl` text corpora,
+//! EOS-separated packing into `block_size` blocks, and the train/validation split.
+
+pub mod pretrain;

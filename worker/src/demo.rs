@@ -1,0 +1,679 @@
+//! A small, deterministic, entirely FICTIONAL medical domain for demos and
+//! end-to-end tests of every stage.
+//!
+//! Why fictional: a model can only know these facts by learning them from the
+//! generated corpus, so held-out perplexity (PT), QA accuracy (SFT),
+//! preference accuracy (RM/DPO) and verifiable rewards (RL) measure what the
+//! pipeline taught, not what a base model already knew. The same seed always
+//! yields the same diseases, drugs, doses and documents.
+//!
+//! Every disease has an organ, three symptoms, a cause, one drug with a
+//! disease-specific dose (mg, times a day) and course length; every drug has a
+//! class and a contraindication (another fictional disease).
+
+use crate::fsutil::write_atomic;
+use anyhow::{bail, Result};
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashSet;
+use std::path::Path;
+
+pub const N_DISEASES: usize = 40;
+pub const N_DRUGS: usize = 30;
+
+const ONSETS: &[&str] = &[
+    "b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kl",
+    "pr", "tr", "qu", "sk", "th",
+];
+const VOWELS: &[&str] = &["a", "e", "i", "o", "u", "ai", "ou", "y"];
+const CODAS: &[&str] = &["", "", "n", "r", "l", "x", "s", "m", "th"];
+const DISEASE_KINDS: &[&str] = &[
+    "fever",
+    "syndrome",
+    "palsy",
+    "disease",
+    "blight",
+    "pox",
+    "sclerosis",
+    "fatigue",
+];
+const DRUG_SUFFIXES: &[&str] = &[
+    "azole", "ivir", "amine", "oxin", "umab", "afen", "idol", "otrex", "astat", "icillin",
+];
+const DRUG_CLASSES: &[&str] = &[
+    "an antiviral",
+    "an antibiotic",
+    "an antifungal",
+    "an anti-inflammatory drug",
+    "an immune modulator",
+    "an enzyme inhibitor",
+    "a nerve stabilizer",
+];
+const ORGANS: &[&str] = &[
+    "liver", "lungs", "kidneys", "heart", "skin", "stomach", "spleen", "eyes", "joints", "brain",
+    "pancreas", "bladder", "bones", "throat",
+];
+const SYMPTOMS: &[&str] = &[
+    "fever",
+    "cough",
+    "fatigue",
+    "headache",
+    "nausea",
+    "dizziness",
+    "joint pain",
+    "blurred vision",
+    "night sweats",
+    "a rash",
+    "itching",
+    "chest pain",
+    "shortness of breath",
+    "abdominal pain",
+    "muscle cramps",
+    "hair loss",
+    "insomnia",
+    "a tremor",
+    "dry mouth",
+    "swollen ankles",
+    "hiccups",
+    "pale skin",
+    "loss of appetite",
+    "ringing in the ears",
+    "blue fingernails",
+    "a metallic taste",
+    "hoarseness",
+    "nosebleeds",
+    "back pain",
+    "sneezing",
+];
+const CAUSE_KINDS: &[&str] = &["virus", "bacterium", "parasite", "fungus", "prion"];
+const DOSES_MG: &[u32] = &[
+    5, 10, 20, 25, 50, 100, 150, 200, 250, 300, 400, 500, 750, 1000,
+];
+const COURSE_DAYS: &[u32] = &[3, 5, 7, 10, 14, 21, 28];
+
+/// One fictional disease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disease {
+    pub name: String,
+    pub organ: String,
+    pub symptoms: [String; 3],
+    pub cause: String,
+    /// Index into `DemoDomain::drugs`.
+    pub drug: usize,
+    pub dose_mg: u32,
+    pub times_per_day: u32,
+    pub course_days: u32,
+}
+
+/// One fictional drug.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drug {
+    pub name: String,
+    pub class: String,
+    /// Name of a disease in which the drug must not be used (never one it treats).
+    pub contraindication: String,
+}
+
+/// The fictional pharmacopoeia, fully determined by `seed`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DemoDomain {
+    pub seed: u64,
+    pub diseases: Vec<Disease>,
+    pub drugs: Vec<Drug>,
+}
+
+/// "once a day", "twice a day", ...
+pub fn frequency(times_per_day: u32) -> String {
+    match times_per_day {
+        1 => "once a day".into(),
+        2 => "twice a day".into(),
+        3 => "three times a day".into(),
+        4 => "four times a day".into(),
+        n => format!("{n} times a day"),
+    }
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+/// "a, b and c"
+fn join_and(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+fn pick<'a>(rng: &mut ChaCha8Rng, xs: &'a [&'a str]) -> &'a str {
+    // The constant tables above are never empty.
+    xs.choose(rng).copied().unwrap_or_default()
+}
+
+/// A pronounceable made-up word of `syllables` syllables, unique in `used`.
+fn fresh_word(rng: &mut ChaCha8Rng, syllables: usize, used: &mut HashSet<String>) -> String {
+    loop {
+        let mut w = String::new();
+        for i in 0..syllables {
+            w.push_str(pick(rng, ONSETS));
+            w.push_str(pick(rng, VOWELS));
+            if i + 1 == syllables {
+                w.push_str(pick(rng, CODAS));
+            }
+        }
+        if w.len() >= 4 && used.insert(w.clone()) {
+            return w;
+        }
+    }
+}
+
+impl DemoDomain {
+    /// Build the domain: 40 diseases and 30 drugs (some drugs treat two
+    /// diseases, at different doses).
+    pub fn new(seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut used = HashSet::new();
+        let mut drug_names = Vec::with_capacity(N_DRUGS);
+        for _ in 0..N_DRUGS {
+            let stem = fresh_word(&mut rng, 2, &mut used);
+            drug_names.push(format!("{stem}{}", pick(&mut rng, DRUG_SUFFIXES)));
+        }
+        let mut diseases = Vec::with_capacity(N_DISEASES);
+        for i in 0..N_DISEASES {
+            let stem = capitalize(&fresh_word(&mut rng, 2, &mut used));
+            let name = format!("{stem} {}", pick(&mut rng, DISEASE_KINDS));
+            let mut symptoms: Vec<&str> = SYMPTOMS.choose_multiple(&mut rng, 3).copied().collect();
+            symptoms.shuffle(&mut rng);
+            let pathogen = capitalize(&fresh_word(&mut rng, 2, &mut used));
+            let cause = format!("the {pathogen} {}", pick(&mut rng, CAUSE_KINDS));
+            diseases.push(Disease {
+                name,
+                organ: pick(&mut rng, ORGANS).to_string(),
+                symptoms: [
+                    symptoms[0].to_string(),
+                    symptoms[1].to_string(),
+                    symptoms[2].to_string(),
+                ],
+                cause,
+                drug: i % N_DRUGS,
+                dose_mg: *DOSES_MG.choose(&mut rng).unwrap_or(&100),
+                times_per_day: rng.random_range(1..=4),
+                course_days: *COURSE_DAYS.choose(&mut rng).unwrap_or(&7),
+            });
+        }
+        // Randomize which drug treats which disease, keeping every drug in use.
+        let mut perm: Vec<usize> = (0..N_DRUGS).collect();
+        perm.shuffle(&mut rng);
+        for d in &mut diseases {
+            d.drug = perm[d.drug];
+        }
+        let drugs = drug_names
+            .into_iter()
+            .enumerate()
+            .map(|(j, name)| {
+                let others: Vec<&Disease> = diseases.iter().filter(|d| d.drug != j).collect();
+                let contraindication = others
+                    .choose(&mut rng)
+                    .map(|d| d.name.clone())
+                    .unwrap_or_default();
+                Drug {
+                    name,
+                    class: pick(&mut rng, DRUG_CLASSES).to_string(),
+                    contraindication,
+                }
+            })
+            .collect();
+        DemoDomain {
+            seed,
+            diseases,
+            drugs,
+        }
+    }
+
+    /// Sentences stating one disease's facts, one per fact, each in a random template.
+    fn disease_sentences(&self, d: &Disease, rng: &mut ChaCha8Rng) -> Vec<String> {
+        let n = &d.name;
+        let drug = &self.drugs[d.drug].name;
+        let [s1, s2, s3] = &d.symptoms;
+        let (organ, cause, mg, freq, days) = (
+            &d.organ,
+            &d.cause,
+            d.dose_mg,
+            frequency(d.times_per_day),
+            d.course_days,
+        );
+        let facts: [Vec<String>; 6] = [
+            vec![
+                format!("{n} is a disease of the {organ}."),
+                format!("{n} mainly affects the {organ}."),
+                format!("In {n}, the {organ} is the organ most affected."),
+            ],
+            vec![
+                format!("The symptoms of {n} are {s1}, {s2} and {s3}."),
+                format!("Patients with {n} usually present with {s1}, {s2} and {s3}."),
+                format!("{n} causes {s1}, {s2} and {s3}."),
+                format!("Typical signs of {n} include {s1}, {s2} and {s3}."),
+            ],
+            vec![
+                format!("{n} is caused by {cause}."),
+                format!("The cause of {n} is {cause}."),
+            ],
+            vec![
+                format!("{n} is treated with {drug}."),
+                format!("The drug of choice for {n} is {drug}."),
+            ],
+            vec![
+                format!("The dose of {drug} for {n} is {mg} mg {freq}."),
+                format!("For {n}, {drug} is given at {mg} mg {freq}."),
+                format!("Adults with {n} take {mg} mg of {drug} {freq}."),
+            ],
+            vec![
+                format!("A course of {drug} for {n} lasts {days} days."),
+                format!("Treatment of {n} with {drug} continues for {days} days."),
+            ],
+        ];
+        facts
+            .iter()
+            .filter_map(|t| t.choose(rng))
+            .map(|s| capitalize(s))
+            .collect()
+    }
+
+    fn drug_sentences(&self, g: &Drug, rng: &mut ChaCha8Rng) -> Vec<String> {
+        let (name, class, contra) = (&g.name, &g.class, &g.contraindication);
+        let treats: Vec<String> = self
+            .diseases
+            .iter()
+            .filter(|d| self.drugs[d.drug].name == *name)
+            .map(|d| d.name.clone())
+            .collect();
+        let facts: [Vec<String>; 3] = [
+            vec![
+                format!("{name} is {class}."),
+                format!(
+                    "{name} belongs to the drugs known as {}.",
+                    class_plural(class)
+                ),
+            ],
+            vec![
+                format!("{name} must not be given to patients with {contra}."),
+                format!("{name} is contraindicated in {contra}."),
+                format!("Patients with {contra} should not take {name}."),
+            ],
+            vec![
+                format!("{name} is used to treat {}.", join_and(&treats)),
+                format!("{name} is prescribed for {}.", join_and(&treats)),
+            ],
+        ];
+        facts
+            .iter()
+            .filter_map(|t| t.choose(rng))
+            .map(|s| capitalize(s))
+            .collect()
+    }
+
+    /// `n_docs` one-line encyclopedic documents, each 3-6 sentences about one
+    /// disease or drug in shuffled order and random phrasing. Deterministic in
+    /// `(self.seed, seed)`.
+    pub fn pretrain_corpus(&self, n_docs: usize, seed: u64) -> Vec<String> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ self.seed.rotate_left(32));
+        (0..n_docs)
+            .map(|_| {
+                let mut sentences = if rng.random_bool(0.75) {
+                    let i = rng.random_range(0..self.diseases.len());
+                    self.disease_sentences(&self.diseases[i], &mut rng)
+                } else {
+                    let j = rng.random_range(0..self.drugs.len());
+                    self.drug_sentences(&self.drugs[j], &mut rng)
+                };
+                sentences.shuffle(&mut rng);
+                let keep = rng.random_range(3.min(sentences.len())..=sentences.len());
+                sentences.truncate(keep);
+                sentences.join(" ")
+            })
+            .collect()
+    }
+
+    /// Every fact as a question, its full answer, a short checkable answer and
+    /// a plausible wrong answer.
+    fn fact_questions(&self) -> Vec<FactQuestion> {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed.wrapping_add(0x5eed_0f_0a));
+        let mut out = Vec::new();
+        for (i, d) in self.diseases.iter().enumerate() {
+            let drug = &self.drugs[d.drug].name;
+            let n = &d.name;
+            let other = loop {
+                let j = rng.random_range(0..self.diseases.len());
+                if j != i {
+                    break &self.diseases[j];
+                }
+            };
+            let dose = format!("{} mg {}", d.dose_mg, frequency(d.times_per_day));
+            let wrong_dose = loop {
+                let mg = *DOSES_MG.choose(&mut rng).unwrap_or(&1);
+                let w = format!("{mg} mg {}", frequency(rng.random_range(1..=4)));
+                if w != dose {
+                    break w;
+                }
+            };
+            let wrong_drug = loop {
+                let g = &self.drugs[rng.random_range(0..self.drugs.len())].name;
+                if g != drug {
+                    break g.clone();
+                }
+            };
+            let wrong_organ = loop {
+                let o = pick(&mut rng, ORGANS);
+                if o != d.organ {
+                    break o.to_string();
+                }
+            };
+            let wrong_days = loop {
+                let x = *COURSE_DAYS.choose(&mut rng).unwrap_or(&1);
+                if x != d.course_days {
+                    break x;
+                }
+            };
+            let sym = |s: &[String; 3]| capitalize(&join_and(s));
+            let wrong_symptoms = if other.symptoms == d.symptoms {
+                [
+                    "fever".to_string(),
+                    "cough".to_string(),
+                    "a rash".to_string(),
+                ]
+            } else {
+                other.symptoms.clone()
+            };
+            let mut q = |question: String, answer: String, short: String, wrong: String| {
+                out.push(FactQuestion {
+                    question,
+                    answer,
+                    short,
+                    wrong,
+                });
+            };
+            q(
+                format!("What is the dose of {drug} for {n}?"),
+                format!("{dose}."),
+                dose.clone(),
+                format!("{wrong_dose}."),
+            );
+            q(
+                format!("Which drug is used to treat {n}?"),
+                format!("{}.", capitalize(drug)),
+                drug.clone(),
+                format!("{}.", capitalize(&wrong_drug)),
+            );
+            q(
+                format!("What are the symptoms of {n}?"),
+                format!("{}.", sym(&d.symptoms)),
+                join_and(&d.symptoms),
+                format!("{}.", sym(&wrong_symptoms)),
+            );
+            q(
+                format!("Which organ does {n} affect?"),
+                format!("The {}.", d.organ),
+                d.organ.clone(),
+                format!("The {wrong_organ}."),
+            );
+            let wrong_cause = if other.cause == d.cause {
+                "a lack of sleep".to_string()
+            } else {
+                other.cause.clone()
+            };
+            q(
+                format!("What causes {n}?"),
+                format!("{}.", capitalize(&d.cause)),
+                d.cause.clone(),
+                format!("{}.", capitalize(&wrong_cause)),
+            );
+            q(
+                format!("How long does a course of {drug} for {n} last?"),
+                format!("{} days.", d.course_days),
+                format!("{} days", d.course_days),
+                format!("{wrong_days} days."),
+            );
+        }
+        for g in &self.drugs {
+            let wrong = loop {
+                let d = &self.diseases[rng.random_range(0..self.diseases.len())];
+                if d.name != g.contraindication && self.drugs[d.drug].name != g.name {
+                    break d.name.clone();
+                }
+            };
+            out.push(FactQuestion {
+                question: format!("In which patients is {} contraindicated?", g.name),
+                answer: format!("Patients with {}.", g.contraindication),
+                short: g.contraindication.clone(),
+                wrong: format!("Patients with {wrong}."),
+            });
+        }
+        out
+    }
+
+    /// (question, answer) for every fact, e.g. "What is the dose of X for Y?"
+    /// → "250 mg twice a day.". Material for SFT.
+    pub fn qa_pairs(&self) -> Vec<(String, String)> {
+        self.fact_questions()
+            .into_iter()
+            .map(|f| (f.question, f.answer))
+            .collect()
+    }
+
+    /// (prompt, chosen, rejected): chosen is the correct answer, rejected a
+    /// plausible wrong one of the same shape. Material for RM / DPO.
+    pub fn preference_pairs(&self) -> Vec<(String, String, String)> {
+        self.fact_questions()
+            .into_iter()
+            .map(|f| (f.question, f.answer, f.wrong))
+            .collect()
+    }
+
+    /// (prompt, known_answer): the short fact a correct completion must
+    /// contain (e.g. "250 mg twice a day", "zorvazole", "14 days"). Material
+    /// for RL with verifiable rewards.
+    pub fn rl_prompts(&self) -> Vec<(String, String)> {
+        self.fact_questions()
+            .into_iter()
+            .map(|f| (f.question, f.short))
+            .collect()
+    }
+
+    /// Write a PT dataset: `out_dir/train/corpus.txt` and
+    /// `out_dir/valid/corpus.txt`, one document per line. Validation documents
+    /// state the same facts in other sentence combinations and are never
+    /// identical to a training document.
+    pub fn write_pt_dataset(
+        &self,
+        out_dir: &Path,
+        train_docs: usize,
+        valid_docs: usize,
+    ) -> Result<()> {
+        let train = self.pretrain_corpus(train_docs, 1);
+        let seen: HashSet<&str> = train.iter().map(String::as_str).collect();
+        let mut valid = Vec::with_capacity(valid_docs);
+        let mut round = 0u64;
+        while valid.len() < valid_docs {
+            if round == 100 {
+                bail!("could not generate {valid_docs} held-out documents distinct from the {train_docs} training documents");
+            }
+            round += 1;
+            for doc in self.pretrain_corpus(valid_docs, 1_000_000 + round) {
+                if valid.len() < valid_docs && !seen.contains(doc.as_str()) {
+                    valid.push(doc);
+                }
+            }
+        }
+        let lines = |docs: &[String]| docs.iter().map(|d| format!("{d}\n")).collect::<String>();
+        write_atomic(
+            &out_dir.join("train").join("corpus.txt"),
+            lines(&train).as_bytes(),
+        )?;
+        write_atomic(
+            &out_dir.join("valid").join("corpus.txt"),
+            lines(&valid).as_bytes(),
+        )?;
+        Ok(())
+    }
+}
+
+fn class_plural(class: &str) -> String {
+    let c = class
+        .strip_prefix("an ")
+        .or_else(|| class.strip_prefix("a "))
+        .unwrap_or(class);
+    match c.strip_suffix(" drug") {
+        Some(stem) => format!("{stem} drugs"),
+        None => format!("{c}s"),
+    }
+}
+
+struct FactQuestion {
+    question: String,
+    answer: String,
+    short: String,
+    wrong: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_domain_and_corpus() {
+        let a = DemoDomain::new(7);
+        assert_eq!(a, DemoDomain::new(7));
+        assert_ne!(a, DemoDomain::new(8));
+        assert_eq!(
+            a.pretrain_corpus(200, 3),
+            DemoDomain::new(7).pretrain_corpus(200, 3)
+        );
+        assert_ne!(a.pretrain_corpus(50, 3), a.pretrain_corpus(50, 4));
+        assert_eq!(a.qa_pairs(), DemoDomain::new(7).qa_pairs());
+        assert_eq!(a.preference_pairs(), DemoDomain::new(7).preference_pairs());
+    }
+
+    #[test]
+    fn domain_is_well_formed() {
+        let dom = DemoDomain::new(1);
+        assert_eq!(dom.diseases.len(), N_DISEASES);
+        let names: HashSet<&str> = dom.diseases.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names.len(), N_DISEASES, "disease names are unique");
+        let drugs: HashSet<&str> = dom.drugs.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(drugs.len(), N_DRUGS);
+        for (j, g) in dom.drugs.iter().enumerate() {
+            assert!(
+                dom.diseases.iter().any(|d| d.drug == j),
+                "{} treats something",
+                g.name
+            );
+            let contra = dom
+                .diseases
+                .iter()
+                .find(|d| d.name == g.contraindication)
+                .unwrap();
+            assert_ne!(
+                contra.drug, j,
+                "a drug is not contraindicated in a disease it treats"
+            );
+        }
+        for d in &dom.diseases {
+            assert!((1..=4).contains(&d.times_per_day));
+            let uniq: HashSet<_> = d.symptoms.iter().collect();
+            assert_eq!(uniq.len(), 3);
+        }
+        for doc in dom.pretrain_corpus(100, 0) {
+            assert!(
+                !doc.contains('\n') && doc.ends_with('.') && doc.matches(". ").count() >= 2,
+                "{doc}"
+            );
+        }
+    }
+
+    #[test]
+    fn answers_agree_with_the_facts() {
+        let dom = DemoDomain::new(42);
+        let qa = dom.qa_pairs();
+        let prefs = dom.preference_pairs();
+        let rl = dom.rl_prompts();
+        assert_eq!(qa.len(), N_DISEASES * 6 + N_DRUGS);
+        assert_eq!(prefs.len(), qa.len());
+        assert_eq!(rl.len(), qa.len());
+        for ((q, a), ((pq, chosen, rejected), (rq, short))) in qa.iter().zip(prefs.iter().zip(&rl))
+        {
+            assert_eq!((q, q), (pq, rq));
+            assert_eq!(a, chosen);
+            assert_ne!(chosen, rejected, "{q}");
+            // Whole-word containment: " 50 mg" must not match inside " 250 mg".
+            let has = |text: &str| {
+                format!(" {}", text.to_lowercase()).contains(&format!(" {}", short.to_lowercase()))
+            };
+            assert!(has(a), "{a} / {short}");
+            assert!(!has(rejected), "{q}: {rejected} contains {short}");
+        }
+        let mut checked = 0;
+        for d in &dom.diseases {
+            let drug = &dom.drugs[d.drug];
+            let ask = |q: String| {
+                qa.iter()
+                    .find(|(x, _)| *x == q)
+                    .map(|(_, a)| a.clone())
+                    .unwrap()
+            };
+            let dose = ask(format!("What is the dose of {} for {}?", drug.name, d.name));
+            assert_eq!(
+                dose,
+                format!("{} mg {}.", d.dose_mg, frequency(d.times_per_day))
+            );
+            assert_eq!(
+                ask(format!("Which drug is used to treat {}?", d.name)).to_lowercase(),
+                format!("{}.", drug.name)
+            );
+            assert_eq!(
+                ask(format!("Which organ does {} affect?", d.name)),
+                format!("The {}.", d.organ)
+            );
+            let sym = ask(format!("What are the symptoms of {}?", d.name)).to_lowercase();
+            assert!(d.symptoms.iter().all(|s| sym.contains(s.as_str())));
+            let days = ask(format!(
+                "How long does a course of {} for {} last?",
+                drug.name, d.name
+            ));
+            assert_eq!(days, format!("{} days.", d.course_days));
+            let contra = ask(format!(
+                "In which patients is {} contraindicated?",
+                drug.name
+            ));
+            assert_eq!(contra, format!("Patients with {}.", drug.contraindication));
+            checked += 1;
+        }
+        assert_eq!(checked, N_DISEASES);
+        // The corpus states the same facts the QA asks about.
+        let corpus = dom.pretrain_corpus(3000, 0).join(" ");
+        let d = &dom.diseases[0];
+        assert!(corpus.contains(&format!("{} mg", d.dose_mg)) && corpus.contains(&d.name));
+    }
+
+    #[test]
+    fn held_out_docs_are_not_in_train() {
+        let dom = DemoDomain::new(3);
+        let dir = tempfile::tempdir().unwrap();
+        dom.write_pt_dataset(dir.path(), 500, 50).unwrap();
+        let read = |p: &str| std::fs::read_to_string(dir.path().join(p)).unwrap();
+        let (train, valid) = (read("train/corpus.txt"), read("valid/corpus.txt"));
+        let train: HashSet<&str> = train.lines().collect();
+        let valid: Vec<&str> = valid.lines().collect();
+        assert_eq!(valid.len(), 50);
+        assert!(train.len() > 400);
+        assert!(valid.iter().all(|v| !train.contains(v)));
+        // Readable by the PT reader, one document per line.
+        let docs = crate::data::pretrain::read_text_dir(&dir.path().join("valid"), true).unwrap();
+        assert_eq!(docs.len(), 50);
+    }
+}

@@ -1,0 +1,1097 @@
+//! The Llama-family decoder (Llama 1/2/3, Mistral, Qwen2), written once against
+//! the backend interface: forward, and a hand-written backward in reverse order.
+//!
+//! Per block (pre-norm residual):
+//!   h1 = rmsnorm(x) ; q,k,v = linears(h1) ; rope(q,k) ; a = attention(q,k,v)
+//!   x_mid = x + o(a) ; h2 = rmsnorm(x_mid) ; x_out = x_mid + down(silu(gate(h2)) * up(h2))
+
+use super::config::ModelConfig;
+use super::params::{Layout, Linear, Slot, TrainMode};
+use super::rope;
+use anyhow::{bail, Context, Result};
+use rlhf_kernels::{AttnShape, Backend, Gemm};
+
+/// One batch of token rows. `labels` are unshifted, as in transformers: the
+/// loss at position t predicts labels[t+1]; -100 is ignored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    pub b: usize,
+    pub t: usize,
+    pub input_ids: Vec<u32>,             // [B,T]
+    pub attention_mask: Option<Vec<u8>>, // [B,T], 0 = padding
+    pub labels: Vec<i32>,                // [B,T]
+}
+
+impl Batch {
+    /// Targets aligned with logits rows: targets[b,t] = labels[b,t+1], -100 at t = T-1.
+    pub fn shifted_targets(&self) -> Vec<i32> {
+        let mut out = vec![-100; self.b * self.t];
+        for b in 0..self.b {
+            for t in 0..self.t.saturating_sub(1) {
+                out[b * self.t + t] = self.labels[b * self.t + t + 1];
+            }
+        }
+        out
+    }
+}
+
+/// Activations of one block kept for its backward.
+struct BlockActs<B: Backend> {
+    h1: B::Buf,    // [N,C] rmsnorm(x)
+    rstd1: B::Buf, // [N]
+    q: B::Buf,     // [N, NH*HD] after rope
+    k: B::Buf,     // [N, NKV*HD] after rope
+    v: B::Buf,     // [N, NKV*HD]
+    att: B::Buf,   // [N, NH*HD] attention output
+    lse: B::Buf,   // [B, NH, T]
+    h2: B::Buf,    // [N,C] rmsnorm(x_mid)
+    rstd2: B::Buf, // [N]
+    gate: B::Buf,  // [N,F]
+    up: B::Buf,    // [N,F]
+    act: B::Buf,   // [N,F] silu(gate)*up
+    x_mid: B::Buf, // [N,C]
+    /// dropout(x)·Aᵀ of each LoRA linear, LINEAR_MODULES order: [N, r]
+    lora_xa: [Option<B::Buf>; 7],
+}
+
+/// Every buffer a forward/backward of shape (B,T) needs.
+struct Acts<B: Backend> {
+    b: usize,
+    t: usize,
+    /// Residual stream entering each block, plus the final one: L+1 × [N,C].
+    /// With gradient checkpointing these are all that is kept of the forward.
+    xs: Vec<B::Buf>,
+    w: Work<B>,
+}
+
+/// The rest of the activations and the backward scratch.
+struct Work<B: Backend> {
+    /// L block activations, or 1 reused for recomputation under checkpointing.
+    blocks: Vec<BlockActs<B>>,
+    hf: B::Buf,     // [N,C] final rmsnorm
+    rstdf: B::Buf,  // [N]
+    logits: B::Buf, // [N,V], overwritten by its gradient
+    // backward scratch
+    dres: B::Buf,  // [N,C] gradient of the residual stream
+    dh: B::Buf,    // [N,C]
+    dq: B::Buf,    // [N, NH*HD]
+    dk: B::Buf,    // [N, NKV*HD]
+    dv: B::Buf,    // [N, NKV*HD]
+    datt: B::Buf,  // [N, NH*HD]
+    dgate: B::Buf, // [N,F]
+    dup: B::Buf,   // [N,F]
+    dact: B::Buf,  // [N,F]
+    /// LoRA scratch: dropout(x) / dropped gradient [N, max(in)], and [N, r]
+    lora_x: B::Buf,
+    lora_dxa: B::Buf,
+}
+
+/// Statistics of one forward(/backward).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossStats {
+    /// Sum of per-token losses over predicted tokens.
+    pub loss_sum: f64,
+    /// Number of predicted (non-ignored) tokens.
+    pub tokens: usize,
+}
+
+pub struct Llama<B: Backend> {
+    pub cfg: ModelConfig,
+    pub be: B,
+    pub mode: TrainMode,
+    pub layout: Layout,
+    pub frozen: B::Buf, // [layout.frozen_len]
+    pub train: B::Buf,  // [layout.train_len]
+    pub grads: B::Buf,  // [layout.train_len]
+    pub gradient_checkpointing: bool,
+    rope_cos: B::Buf, // [P, HD/2]
+    rope_sin: B::Buf, // [P, HD/2]
+    rope_positions: usize,
+    acts: Option<Acts<B>>,
+}
+
+/// Weight views by slot.
+struct W<'a, B: Backend> {
+    be: &'a B,
+    frozen: &'a B::Buf,
+    train: &'a B::Buf,
+}
+
+impl<'a, B: Backend> W<'a, B> {
+    fn get(&self, s: Slot) -> B::View<'a> {
+        let buf = if s.trainable { self.train } else { self.frozen };
+        self.be.view(buf, s.range())
+    }
+}
+
+fn grad<'a, B: Backend>(be: &B, grads: &'a mut B::Buf, s: Slot) -> Option<B::ViewMut<'a>> {
+    s.trainable.then(|| be.view_mut(grads, s.range()))
+}
+
+fn all<'a, B: Backend>(be: &B, buf: &'a B::Buf) -> B::View<'a> {
+    be.view(buf, 0..be.len(buf))
+}
+
+fn all_mut<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> B::ViewMut<'a> {
+    let n = be.len(buf);
+    be.view_mut(buf, 0..n)
+}
+
+/// A per-(layer, module) dropout seed derived from the step's seed.
+fn module_seed(seed: u64, layer: usize, module: usize) -> u64 {
+    seed ^ ((layer as u64 * 8 + module as u64 + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93))
+}
+
+impl<B: Backend> Llama<B> {
+    /// Build a model whose weights are given by `load(entry) -> f32 data` for
+    /// each tensor of the layout (base weights from disk, LoRA from an init).
+    pub fn from_tensors(
+        be: B,
+        cfg: ModelConfig,
+        mode: TrainMode,
+        mut load: impl FnMut(&super::params::TensorEntry) -> Result<Vec<f32>>,
+    ) -> Result<Self> {
+        let layout = Layout::new(&cfg, &mode);
+        let mut frozen = vec![0f32; layout.frozen_len];
+        let mut train = vec![0f32; layout.train_len];
+        for e in &layout.tensors {
+            let data = load(e)?;
+            if data.len() != e.slot.len {
+                bail!(
+                    "tensor {}: {} values for shape {:?}",
+                    e.name,
+                    data.len(),
+                    e.shape
+                );
+            }
+            let dst = if e.slot.trainable {
+                &mut train
+            } else {
+                &mut frozen
+            };
+            dst[e.slot.range()].copy_from_slice(&data);
+        }
+        let rope_positions = cfg.max_position_embeddings.max(1);
+        let (cos, sin) = rope::tables(&cfg, rope_positions);
+        Ok(Llama {
+            frozen: be.upload(&frozen)?,
+            grads: be.zeros(layout.train_len)?,
+            train: be.upload(&train)?,
+            rope_cos: be.upload(&cos)?,
+            rope_sin: be.upload(&sin)?,
+            rope_positions,
+            cfg,
+            be,
+            mode,
+            layout,
+            gradient_checkpointing: false,
+            acts: None,
+        })
+    }
+
+    fn lora_scaling(&self) -> f32 {
+        match &self.mode {
+            TrainMode::Lora(l) => l.scaling(),
+            TrainMode::Full => 0.0,
+        }
+    }
+
+    fn lora_rank(&self) -> usize {
+        match &self.mode {
+            TrainMode::Lora(l) => l.r,
+            TrainMode::Full => 0,
+        }
+    }
+
+    /// Make sure the rope tables cover `t` positions.
+    fn ensure_rope(&mut self, t: usize) -> Result<()> {
+        if t > self.rope_positions {
+            let (cos, sin) = rope::tables(&self.cfg, t);
+            self.rope_cos = self.be.upload(&cos)?;
+            self.rope_sin = self.be.upload(&sin)?;
+            self.rope_positions = t;
+        }
+        Ok(())
+    }
+
+    fn ensure_acts(&mut self, b: usize, t: usize) -> Result<()> {
+        if self.acts.as_ref().is_some_and(|a| a.b == b && a.t == t) {
+            return Ok(());
+        }
+        self.acts = None; // free before allocating the new shape
+        let be = &self.be;
+        let cfg = &self.cfg;
+        let n = b * t;
+        let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (qd, kvd, nh) = (cfg.q_dim(), cfg.kv_dim(), cfg.num_attention_heads);
+        let r = self.lora_rank();
+        let nblocks = if self.gradient_checkpointing {
+            1
+        } else {
+            cfg.num_hidden_layers
+        };
+        let lora_on: Vec<bool> = match &self.mode {
+            TrainMode::Lora(l) => super::params::LINEAR_MODULES
+                .iter()
+                .map(|m| l.target_modules.iter().any(|t| t == m))
+                .collect(),
+            TrainMode::Full => vec![false; 7],
+        };
+        let mut blocks = Vec::with_capacity(nblocks);
+        for _ in 0..nblocks {
+            let mut lora_xa: [Option<B::Buf>; 7] = Default::default();
+            for (i, on) in lora_on.iter().enumerate() {
+                if *on {
+                    lora_xa[i] = Some(be.zeros(n * r)?);
+                }
+            }
+            blocks.push(BlockActs {
+                h1: be.zeros(n * c)?,
+                rstd1: be.zeros(n)?,
+                q: be.zeros(n * qd)?,
+                k: be.zeros(n * kvd)?,
+                v: be.zeros(n * kvd)?,
+                att: be.zeros(n * qd)?,
+                lse: be.zeros(b * nh * t)?,
+                h2: be.zeros(n * c)?,
+                rstd2: be.zeros(n)?,
+                gate: be.zeros(n * f)?,
+                up: be.zeros(n * f)?,
+                act: be.zeros(n * f)?,
+                x_mid: be.zeros(n * c)?,
+                lora_xa,
+            });
+        }
+        let max_in = c.max(f).max(qd);
+        let xs = (0..=cfg.num_hidden_layers)
+            .map(|_| be.zeros(n * c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let has_lora = r > 0;
+        self.acts = Some(Acts {
+            b,
+            t,
+            xs,
+            w: Work {
+                blocks,
+                hf: be.zeros(n * c)?,
+                rstdf: be.zeros(n)?,
+                logits: be.zeros(n * v)?,
+                dres: be.zeros(n * c)?,
+                dh: be.zeros(n * c)?,
+                dq: be.zeros(n * qd)?,
+                dk: be.zeros(n * kvd)?,
+                dv: be.zeros(n * kvd)?,
+                datt: be.zeros(n * qd)?,
+                dgate: be.zeros(n * f)?,
+                dup: be.zeros(n * f)?,
+                dact: be.zeros(n * f)?,
+                lora_x: be.zeros(if has_lora { n * max_in } else { 0 })?,
+                lora_dxa: be.zeros(if has_lora { n * r } else { 0 })?,
+            },
+        });
+        Ok(())
+    }
+
+    fn check_batch(&self, batch: &Batch) -> Result<()> {
+        let n = batch.b * batch.t;
+        if batch.b == 0 || batch.t == 0 {
+            bail!("empty batch");
+        }
+        if batch.input_ids.len() != n || batch.labels.len() != n {
+            bail!(
+                "batch of shape [{}, {}] has {} ids and {} labels",
+                batch.b,
+                batch.t,
+                batch.input_ids.len(),
+                batch.labels.len()
+            );
+        }
+        if let Some(m) = &batch.attention_mask {
+            if m.len() != n {
+                bail!(
+                    "attention mask has {} entries for a [{}, {}] batch",
+                    m.len(),
+                    batch.b,
+                    batch.t
+                );
+            }
+        }
+        if let Some(w) = self.cfg.sliding_window {
+            if batch.t > w {
+                bail!("sequence length {} exceeds the model's sliding window {w}; sliding-window attention is not implemented", batch.t);
+            }
+        }
+        if let Some(&id) = batch
+            .input_ids
+            .iter()
+            .find(|&&id| id as usize >= self.cfg.vocab_size)
+        {
+            bail!(
+                "token id {id} is outside the model's vocabulary of {}",
+                self.cfg.vocab_size
+            );
+        }
+        Ok(())
+    }
+
+    /// Forward only: the loss statistics, and (optionally) the logits [B,T,V].
+    pub fn forward(
+        &mut self,
+        batch: &Batch,
+        want_logits: bool,
+    ) -> Result<(LossStats, Option<Vec<f32>>)> {
+        self.check_batch(batch)?;
+        self.ensure_rope(batch.t)?;
+        self.ensure_acts(batch.b, batch.t)?;
+        self.run_forward(batch, None)?;
+        let logits = if want_logits {
+            let acts = self.acts.as_ref().context("activations")?;
+            Some(self.be.download(all(&self.be, &acts.w.logits))?)
+        } else {
+            None
+        };
+        let stats = self.loss(batch, None)?;
+        Ok((stats, logits))
+    }
+
+    /// Forward and backward: gradients are ADDED into `self.grads`, scaled by
+    /// `grad_scale` (the caller passes 1/tokens-in-the-optimizer-step, so that
+    /// accumulation over micro-batches gives the mean over all of them).
+    /// `dropout_seed`: Some(seed) to train with LoRA dropout, None for none.
+    pub fn forward_backward(
+        &mut self,
+        batch: &Batch,
+        grad_scale: f32,
+        dropout_seed: Option<u64>,
+    ) -> Result<LossStats> {
+        self.check_batch(batch)?;
+        self.ensure_rope(batch.t)?;
+        self.ensure_acts(batch.b, batch.t)?;
+        self.run_forward(batch, dropout_seed)?;
+        let stats = self.loss(batch, Some(grad_scale))?;
+        self.run_backward(batch, dropout_seed)?;
+        Ok(stats)
+    }
+
+    pub fn zero_grads(&mut self) -> Result<()> {
+        let n = self.be.len(&self.grads);
+        Ok(self.be.fill(self.be.view_mut(&mut self.grads, 0..n), 0.0)?)
+    }
+
+    fn lora_dropout(&self, seed: Option<u64>) -> Option<(f32, u64)> {
+        match (&self.mode, seed) {
+            (TrainMode::Lora(l), Some(s)) if l.dropout > 0.0 => Some((l.dropout, s)),
+            _ => None,
+        }
+    }
+
+    fn run_forward(&mut self, batch: &Batch, dropout_seed: Option<u64>) -> Result<()> {
+        let dropout = self.lora_dropout(dropout_seed);
+        let scaling = self.lora_scaling();
+        let r = self.lora_rank();
+        let Llama {
+            cfg,
+            be,
+            layout,
+            frozen,
+            train,
+            acts,
+            rope_cos,
+            rope_sin,
+            gradient_checkpointing,
+            ..
+        } = self;
+        let acts = acts.as_mut().context("activations")?;
+        let w = W {
+            be: &*be,
+            frozen,
+            train,
+        };
+        let c = cfg.hidden_size;
+        be.embedding_forward(
+            all_mut(be, &mut acts.xs[0]),
+            w.get(layout.embed),
+            &batch.input_ids,
+            c,
+        )?;
+        let positions = positions(batch);
+        let ctx = FwdCtx {
+            cfg,
+            be: &*be,
+            w: &w,
+            batch,
+            positions: &positions,
+            rope_cos,
+            rope_sin,
+            scaling,
+            r,
+            dropout,
+        };
+        for l in 0..cfg.num_hidden_layers {
+            let ba = if *gradient_checkpointing {
+                &mut acts.w.blocks[0]
+            } else {
+                &mut acts.w.blocks[l]
+            };
+            let (before, after) = acts.xs.split_at_mut(l + 1);
+            ctx.block_forward(
+                l,
+                &layout.blocks[l],
+                &before[l],
+                &mut after[0],
+                ba,
+                &mut acts.w.lora_x,
+            )?;
+        }
+        be.rmsnorm_forward(
+            all_mut(be, &mut acts.w.hf),
+            all_mut(be, &mut acts.w.rstdf),
+            all(be, &acts.xs[cfg.num_hidden_layers]),
+            w.get(layout.norm),
+            c,
+            cfg.rms_norm_eps,
+        )?;
+        let n = batch.b * batch.t;
+        be.gemm(
+            all_mut(be, &mut acts.w.logits),
+            all(be, &acts.w.hf),
+            w.get(layout.lm_head),
+            Gemm::linear(n, cfg.vocab_size, c),
+        )?;
+        Ok(())
+    }
+
+    /// Cross-entropy on the logits; with a grad scale, logits become dlogits.
+    fn loss(&mut self, batch: &Batch, grad_scale: Option<f32>) -> Result<LossStats> {
+        let targets = batch.shifted_targets();
+        let acts = self.acts.as_mut().context("activations")?;
+        let losses = self.be.cross_entropy(
+            all_mut(&self.be, &mut acts.w.logits),
+            &targets,
+            self.cfg.vocab_size,
+            grad_scale,
+        )?;
+        let tokens = targets.iter().filter(|&&t| t != -100).count();
+        let loss_sum = losses.iter().map(|&x| x as f64).sum();
+        Ok(LossStats { loss_sum, tokens })
+    }
+
+    fn run_backward(&mut self, batch: &Batch, dropout_seed: Option<u64>) -> Result<()> {
+        let dropout = self.lora_dropout(dropout_seed);
+        let scaling = self.lora_scaling();
+        let r = self.lora_rank();
+        let Llama {
+            cfg,
+            be,
+            layout,
+            frozen,
+            train,
+            grads,
+            acts,
+            rope_cos,
+            rope_sin,
+            gradient_checkpointing,
+            ..
+        } = self;
+        let acts = acts.as_mut().context("activations")?;
+        let w = W {
+            be: &*be,
+            frozen,
+            train,
+        };
+        let (n, c, v) = (batch.b * batch.t, cfg.hidden_size, cfg.vocab_size);
+        let nl = cfg.num_hidden_layers;
+        // lm_head: logits[N,V] = hf[N,C] · Wᵀ
+        be.gemm(
+            all_mut(be, &mut acts.w.dh),
+            all(be, &acts.w.logits),
+            w.get(layout.lm_head),
+            Gemm {
+                m: n,
+                n: c,
+                k: v,
+                trans_a: false,
+                trans_b: false,
+                alpha: 1.0,
+                accumulate: false,
+            },
+        )?;
+        if let Some(dw) = grad(be, grads, layout.lm_head) {
+            be.gemm(
+                dw,
+                all(be, &acts.w.logits),
+                all(be, &acts.w.hf),
+                Gemm {
+                    m: v,
+                    n: c,
+                    k: n,
+                    trans_a: true,
+                    trans_b: false,
+                    alpha: 1.0,
+                    accumulate: true,
+                },
+            )?;
+        }
+        be.fill(all_mut(be, &mut acts.w.dres), 0.0)?;
+        be.rmsnorm_backward(
+            all_mut(be, &mut acts.w.dres),
+            grad(be, grads, layout.norm),
+            all(be, &acts.w.dh),
+            all(be, &acts.xs[nl]),
+            w.get(layout.norm),
+            all(be, &acts.w.rstdf),
+            c,
+        )?;
+        let positions = positions(batch);
+        let ctx = FwdCtx {
+            cfg,
+            be: &*be,
+            w: &w,
+            batch,
+            positions: &positions,
+            rope_cos,
+            rope_sin,
+            scaling,
+            r,
+            dropout,
+        };
+        for l in (0..nl).rev() {
+            let bi = if *gradient_checkpointing { 0 } else { l };
+            if *gradient_checkpointing {
+                // Recompute this block's activations from its saved input.
+                let (before, after) = acts.xs.split_at_mut(l + 1);
+                ctx.block_forward(
+                    l,
+                    &layout.blocks[l],
+                    &before[l],
+                    &mut after[0],
+                    &mut acts.w.blocks[0],
+                    &mut acts.w.lora_x,
+                )?;
+            }
+            ctx.block_backward(l, &layout.blocks[l], &acts.xs[l], bi, &mut acts.w, grads)?;
+        }
+        if let Some(dw) = grad(be, grads, layout.embed) {
+            be.embedding_backward(dw, all(be, &acts.w.dres), &batch.input_ids, c)?;
+        }
+        Ok(())
+    }
+}
+
+/// Positions 0..T for every row (transformers' default position_ids).
+fn positions(batch: &Batch) -> Vec<u32> {
+    (0..batch.b).flat_map(|_| 0..batch.t as u32).collect()
+}
+
+/// Everything a block's forward and backward read.
+struct FwdCtx<'a, B: Backend> {
+    cfg: &'a ModelConfig,
+    be: &'a B,
+    w: &'a W<'a, B>,
+    batch: &'a Batch,
+    positions: &'a [u32],
+    rope_cos: &'a B::Buf,
+    rope_sin: &'a B::Buf,
+    scaling: f32,
+    r: usize,
+    dropout: Option<(f32, u64)>,
+}
+
+impl<B: Backend> FwdCtx<'_, B> {
+    fn shape(&self) -> AttnShape {
+        let cfg = self.cfg;
+        AttnShape {
+            b: self.batch.b,
+            t: self.batch.t,
+            nh: cfg.num_attention_heads,
+            nkv: cfg.num_key_value_heads,
+            hd: cfg.head_dim,
+        }
+    }
+
+    fn n(&self) -> usize {
+        self.batch.b * self.batch.t
+    }
+
+    /// y[N,out] (=|+=) x[N,in]·Wᵀ + b + s·dropout(x)·Aᵀ·Bᵀ; keeps dropout(x)·Aᵀ in `xa`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_forward(
+        &self,
+        lin: &Linear,
+        y: &mut B::Buf,
+        x: &B::Buf,
+        accumulate: bool,
+        xa: Option<&mut B::Buf>,
+        lora_x: &mut B::Buf,
+        seed: u64,
+    ) -> Result<()> {
+        let be = self.be;
+        let n = self.n();
+        be.gemm(
+            all_mut(be, y),
+            all(be, x),
+            self.w.get(lin.w),
+            Gemm {
+                accumulate,
+                ..Gemm::linear(n, lin.n_out, lin.n_in)
+            },
+        )?;
+        if let Some(bias) = lin.bias {
+            be.add_bias(all_mut(be, y), self.w.get(bias), lin.n_out)?;
+        }
+        if let (Some((a, b)), Some(xa)) = (lin.lora, xa) {
+            let src = match self.dropout {
+                Some((p, _)) => {
+                    be.dropout_forward(be.view_mut(lora_x, 0..n * lin.n_in), all(be, x), p, seed)?;
+                    be.view(lora_x, 0..n * lin.n_in)
+                }
+                None => all(be, x),
+            };
+            be.gemm(
+                all_mut(be, xa),
+                src,
+                self.w.get(a),
+                Gemm::linear(n, self.r, lin.n_in),
+            )?;
+            be.gemm(
+                all_mut(be, y),
+                all(be, xa),
+                self.w.get(b),
+                Gemm {
+                    alpha: self.scaling,
+                    accumulate: true,
+                    ..Gemm::linear(n, lin.n_out, self.r)
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// dx += dy·W (+ LoRA path); dW, db, dA, dB += when trainable.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        lin: &Linear,
+        dy: &B::Buf,
+        x: &B::Buf,
+        dx: &mut B::Buf,
+        xa: Option<&B::Buf>,
+        grads: &mut B::Buf,
+        lora_x: &mut B::Buf,
+        lora_dxa: &mut B::Buf,
+        seed: u64,
+    ) -> Result<()> {
+        let be = self.be;
+        let n = self.n();
+        let (ni, no) = (lin.n_in, lin.n_out);
+        be.gemm(
+            all_mut(be, dx),
+            all(be, dy),
+            self.w.get(lin.w),
+            Gemm {
+                m: n,
+                n: ni,
+                k: no,
+                trans_a: false,
+                trans_b: false,
+                alpha: 1.0,
+                accumulate: true,
+            },
+        )?;
+        if let Some(dw) = grad(be, grads, lin.w) {
+            be.gemm(
+                dw,
+                all(be, dy),
+                all(be, x),
+                Gemm {
+                    m: no,
+                    n: ni,
+                    k: n,
+                    trans_a: true,
+                    trans_b: false,
+                    alpha: 1.0,
+                    accumulate: true,
+                },
+            )?;
+        }
+        if let Some(db) = lin.bias.and_then(|s| grad(be, grads, s)) {
+            be.bias_backward(db, all(be, dy), no)?;
+        }
+        if let (Some((a, b)), Some(xa)) = (lin.lora, xa) {
+            let r = self.r;
+            let s = self.scaling;
+            // dB[out,r] += s · dyᵀ · xa
+            if let Some(db) = grad(be, grads, b) {
+                be.gemm(
+                    db,
+                    all(be, dy),
+                    all(be, xa),
+                    Gemm {
+                        m: no,
+                        n: r,
+                        k: n,
+                        trans_a: true,
+                        trans_b: false,
+                        alpha: s,
+                        accumulate: true,
+                    },
+                )?;
+            }
+            // dxa[N,r] = s · dy · B
+            let dxa = be.view_mut(lora_dxa, 0..n * r);
+            be.gemm(
+                dxa,
+                all(be, dy),
+                self.w.get(b),
+                Gemm {
+                    m: n,
+                    n: r,
+                    k: no,
+                    trans_a: false,
+                    trans_b: false,
+                    alpha: s,
+                    accumulate: false,
+                },
+            )?;
+            // dA[r,in] += dxaᵀ · dropout(x)
+            if let Some(da) = grad(be, grads, a) {
+                let src = match self.dropout {
+                    Some((p, _)) => {
+                        be.dropout_forward(be.view_mut(lora_x, 0..n * ni), all(be, x), p, seed)?;
+                        be.view(lora_x, 0..n * ni)
+                    }
+                    None => all(be, x),
+                };
+                be.gemm(
+                    da,
+                    be.view(lora_dxa, 0..n * r),
+                    src,
+                    Gemm {
+                        m: r,
+                        n: ni,
+                        k: n,
+                        trans_a: true,
+                        trans_b: false,
+                        alpha: 1.0,
+                        accumulate: true,
+                    },
+                )?;
+            }
+            // dx += dropout'(dxa · A)
+            let g = Gemm {
+                m: n,
+                n: ni,
+                k: r,
+                trans_a: false,
+                trans_b: false,
+                alpha: 1.0,
+                accumulate: false,
+            };
+            match self.dropout {
+                Some((p, _)) => {
+                    be.gemm(
+                        be.view_mut(lora_x, 0..n * ni),
+                        be.view(lora_dxa, 0..n * r),
+                        self.w.get(a),
+                        g,
+                    )?;
+                    be.dropout_backward(all_mut(be, dx), be.view(lora_x, 0..n * ni), p, seed)?;
+                }
+                None => {
+                    be.gemm(
+                        all_mut(be, dx),
+                        be.view(lora_dxa, 0..n * r),
+                        self.w.get(a),
+                        Gemm {
+                            accumulate: true,
+                            ..g
+                        },
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn seed(&self, layer: usize, module: usize) -> u64 {
+        module_seed(self.dropout.map(|d| d.1).unwrap_or(0), layer, module)
+    }
+
+    fn block_forward(
+        &self,
+        l: usize,
+        blk: &super::params::Block,
+        x: &B::Buf,
+        x_out: &mut B::Buf,
+        a: &mut BlockActs<B>,
+        lora_x: &mut B::Buf,
+    ) -> Result<()> {
+        let be = self.be;
+        let cfg = self.cfg;
+        let c = cfg.hidden_size;
+        let s = self.shape();
+        be.rmsnorm_forward(
+            all_mut(be, &mut a.h1),
+            all_mut(be, &mut a.rstd1),
+            all(be, x),
+            self.w.get(blk.ln1),
+            c,
+            cfg.rms_norm_eps,
+        )?;
+        let [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d] = &mut a.lora_xa;
+        self.linear_forward(
+            &blk.q,
+            &mut a.q,
+            &a.h1,
+            false,
+            xa_q.as_mut(),
+            lora_x,
+            self.seed(l, 0),
+        )?;
+        self.linear_forward(
+            &blk.k,
+            &mut a.k,
+            &a.h1,
+            false,
+            xa_k.as_mut(),
+            lora_x,
+            self.seed(l, 1),
+        )?;
+        self.linear_forward(
+            &blk.v,
+            &mut a.v,
+            &a.h1,
+            false,
+            xa_v.as_mut(),
+            lora_x,
+            self.seed(l, 2),
+        )?;
+        let (cos, sin) = (all(be, self.rope_cos), all(be, self.rope_sin));
+        be.rope_forward(all_mut(be, &mut a.q), cos, sin, self.positions, s.nh, s.hd)?;
+        let (cos, sin) = (all(be, self.rope_cos), all(be, self.rope_sin));
+        be.rope_forward(all_mut(be, &mut a.k), cos, sin, self.positions, s.nkv, s.hd)?;
+        be.attention_forward(
+            all_mut(be, &mut a.att),
+            all_mut(be, &mut a.lse),
+            all(be, &a.q),
+            all(be, &a.k),
+            all(be, &a.v),
+            self.batch.attention_mask.as_deref(),
+            s,
+        )?;
+        // x_mid = x + o(att)
+        be.copy(all_mut(be, &mut a.x_mid), all(be, x))?;
+        self.linear_forward(
+            &blk.o,
+            &mut a.x_mid,
+            &a.att,
+            true,
+            xa_o.as_mut(),
+            lora_x,
+            self.seed(l, 3),
+        )?;
+        be.rmsnorm_forward(
+            all_mut(be, &mut a.h2),
+            all_mut(be, &mut a.rstd2),
+            all(be, &a.x_mid),
+            self.w.get(blk.ln2),
+            c,
+            cfg.rms_norm_eps,
+        )?;
+        self.linear_forward(
+            &blk.gate,
+            &mut a.gate,
+            &a.h2,
+            false,
+            xa_g.as_mut(),
+            lora_x,
+            self.seed(l, 4),
+        )?;
+        self.linear_forward(
+            &blk.up,
+            &mut a.up,
+            &a.h2,
+            false,
+            xa_u.as_mut(),
+            lora_x,
+            self.seed(l, 5),
+        )?;
+        be.swiglu_forward(all_mut(be, &mut a.act), all(be, &a.gate), all(be, &a.up))?;
+        // x_out = x_mid + down(act)
+        be.copy(all_mut(be, x_out), all(be, &a.x_mid))?;
+        self.linear_forward(
+            &blk.down,
+            x_out,
+            &a.act,
+            true,
+            xa_d.as_mut(),
+            lora_x,
+            self.seed(l, 6),
+        )?;
+        Ok(())
+    }
+
+    /// On entry acts.dres = d x_out; on exit acts.dres = d x (the block input).
+    fn block_backward(
+        &self,
+        l: usize,
+        blk: &super::params::Block,
+        x: &B::Buf,
+        bi: usize,
+        acts: &mut Work<B>,
+        grads: &mut B::Buf,
+    ) -> Result<()> {
+        let be = self.be;
+        let cfg = self.cfg;
+        let c = cfg.hidden_size;
+        let s = self.shape();
+        let Work {
+            blocks,
+            dres,
+            dh,
+            dq,
+            dk,
+            dv,
+            datt,
+            dgate,
+            dup,
+            dact,
+            lora_x,
+            lora_dxa,
+            ..
+        } = acts;
+        let a = &blocks[bi];
+        let xa = |i: usize| a.lora_xa[i].as_ref();
+        // x_out = x_mid + down(act)
+        be.fill(all_mut(be, dact), 0.0)?;
+        self.linear_backward(
+            &blk.down,
+            dres,
+            &a.act,
+            dact,
+            xa(6),
+            grads,
+            lora_x,
+            lora_dxa,
+            self.seed(l, 6),
+        )?;
+        be.fill(all_mut(be, dgate), 0.0)?;
+        be.fill(all_mut(be, dup), 0.0)?;
+        be.swiglu_backward(
+            all_mut(be, dgate),
+            all_mut(be, dup),
+            all(be, dact),
+            all(be, &a.gate),
+            all(be, &a.up),
+        )?;
+        be.fill(all_mut(be, dh), 0.0)?;
+        self.linear_backward(
+            &blk.gate,
+            dgate,
+            &a.h2,
+            dh,
+            xa(4),
+            grads,
+            lora_x,
+            lora_dxa,
+            self.seed(l, 4),
+        )?;
+        self.linear_backward(
+            &blk.up,
+            dup,
+            &a.h2,
+            dh,
+            xa(5),
+            grads,
+            lora_x,
+            lora_dxa,
+            self.seed(l, 5),
+        )?;
+        be.rmsnorm_backward(
+            all_mut(be, dres),
+            grad(be, grads, blk.ln2),
+            all(be, dh),
+            all(be, &a.x_mid),
+            self.w.get(blk.ln2),
+            all(be, &a.rstd2),
+            c,
+        )?;
+        // x_mid = x + o(att)
+        be.fill(all_mut(be, datt), 0.0)?;
+        self.linear_backward(
+            &blk.o,
+            dres,
+            &a.att,
+            datt,
+            xa(3),
+            grads,
+            lora_x,
+            lora_dxa,
+            self.seed(l, 3),
+        )?;
+        be.fill(all_mut(be, dq), 0.0)?;
+        be.fill(all_mut(be, dk), 0.0)?;
+        be.fill(all_mut(be, dv), 0.0)?;
+        be.attention_backward(
+            all_mut(be, dq),
+            all_mut(be, dk),
+            all_mut(be, dv),
+            all(be, datt),
+            all(be, &a.q),
+            all(be, &a.k),
+            all(be, &a.v),
+            all(be, &a.att),
+            all(be, &a.lse),
+            self.batch.attention_mask.as_deref(),
+            s,
+        )?;
+        let (cos, sin) = (all(be, self.rope_cos), all(be, self.rope_sin));
+        be.rope_backward(all_mut(be, dq), cos, sin, self.positions, s.nh, s.hd)?;
+        let (cos, sin) = (all(be, self.rope_cos), all(be, self.rope_sin));
+        be.rope_backward(all_mut(be, dk), cos, sin, self.positions, s.nkv, s.hd)?;
+        be.fill(all_mut(be, dh), 0.0)?;
+        self.linear_backward(
+            &blk.q,
+            dq,
+            &a.h1,
+            dh,
+            xa(0),
+            grads,
+            lora_x,
+            lora_dxa,
+            self.seed(l, 0),
+        )?;
+        self.linear_backward(
+            &blk.k,
+            dk,
+            &a.h1,
+            dh,
+            xa(1),
+            grads,
+            lora_x,
+            lora_dxa,
+            self.seed(l, 1),
+        )?;
+        self.linear_backward(
+            &blk.v,
+            dv,
+            &a.h1,
+            dh,
+            xa(2),
+            grads,
+            lora_x,
+            lora_dxa,
+            self.seed(l, 2),
+        )?;
+        be.rmsnorm_backward(
+            all_mut(be, dres),
+            grad(be, grads, blk.ln1),
+            all(be, dh),
+            all(be, x),
+            self.w.get(blk.ln1),
+            all(be, &a.rstd1),
+            c,
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,13 @@
+//! The Llama-family model: config, weights on disk, parameter layout, rope,
+//! and the forward/backward written against the backend interface.
+
+pub mod config;
+pub mod llama;
+pub mod params;
+pub mod pretrained;
+pub mod rope;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use llama::{Batch, Llama, LossStats};
+pub use params::{LoraConfig, TrainMode};

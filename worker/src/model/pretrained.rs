@@ -1,0 +1,329 @@
+//! Hugging Face model dirs and PEFT adapter dirs in and out of a [`Llama`].
+
+use super::config::ModelConfig;
+use super::llama::Llama;
+use super::params::{LoraConfig, TensorKind, TrainMode};
+use super::weights::{save_tensors, SaveDtype, TensorFiles};
+use crate::fsutil::write_json_atomic;
+use anyhow::{bail, Context, Result};
+use rand::{Rng, SeedableRng};
+use rlhf_kernels::Backend;
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// PEFT's prefix for a causal-LM adapter's tensor names.
+const PEFT_PREFIX: &str = "base_model.model.";
+
+/// Load a Hugging Face model dir. LoRA A matrices get PEFT's default init
+/// (kaiming-uniform, a=√5: U(−1/√in, 1/√in)) from `seed`; B starts at zero;
+/// modules_to_save start as copies of the base weights.
+pub fn load_model<B: Backend>(be: B, dir: &Path, mode: TrainMode, seed: u64) -> Result<Llama<B>> {
+    let cfg = ModelConfig::load(dir)?;
+    let files = TensorFiles::open_model_dir(dir)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    Llama::from_tensors(be, cfg, mode, |e| match e.kind {
+        TensorKind::Base => files.read_f32(&e.name, &e.shape),
+        TensorKind::LoraA => {
+            let bound = 1.0 / (e.shape[1] as f32).sqrt();
+            Ok((0..e.slot.len)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect())
+        }
+        TensorKind::LoraB => Ok(vec![0.0; e.slot.len]),
+    })
+    .with_context(|| format!("loading the model in {}", dir.display()))
+}
+
+/// Read a PEFT `adapter_config.json` into our LoRA settings.
+pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
+    let path = dir.join("adapter_config.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let ctx = || format!("in {}", path.display());
+    if let Some(t) = v.get("peft_type").and_then(Value::as_str) {
+        if t != "LORA" {
+            bail!(
+                "{}: peft_type {t:?} is not supported (expected \"LORA\")",
+                path.display()
+            );
+        }
+    }
+    for flag in ["use_dora", "use_rslora"] {
+        if v.get(flag).and_then(Value::as_bool) == Some(true) {
+            bail!("{}: {flag} adapters are not supported", path.display());
+        }
+    }
+    let r = v
+        .get("r")
+        .and_then(Value::as_u64)
+        .context("missing integer \"r\"")
+        .with_context(ctx)? as usize;
+    let alpha = v
+        .get("lora_alpha")
+        .and_then(Value::as_f64)
+        .context("missing number \"lora_alpha\"")
+        .with_context(ctx)? as f32;
+    let dropout = v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32;
+    let targets = match v.get("target_modules") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(","),
+        Some(Value::String(s)) => s.clone(),
+        _ => bail!("{}: missing \"target_modules\"", path.display()),
+    };
+    let mut target_modules = LoraConfig::parse_target_modules(&targets).with_context(ctx)?;
+    // Keep our canonical module order regardless of the order PEFT wrote.
+    target_modules.sort_by_key(|m| super::params::LINEAR_MODULES.iter().position(|x| x == m));
+    let mts = match v.get("modules_to_save") {
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        _ => None,
+    };
+    let modules_to_save = LoraConfig::parse_modules_to_save(mts.as_deref()).with_context(ctx)?;
+    Ok(LoraConfig {
+        r,
+        alpha,
+        dropout,
+        target_modules,
+        modules_to_save,
+    })
+}
+
+impl<B: Backend> Llama<B> {
+    /// Overwrite one tensor of the layout with host data.
+    pub fn set_tensor(&mut self, name: &str, data: &[f32]) -> Result<()> {
+        let e = self
+            .layout
+            .tensors
+            .iter()
+            .find(|e| e.name == name)
+            .with_context(|| format!("no tensor {name:?} in the model"))?;
+        if data.len() != e.slot.len {
+            bail!(
+                "tensor {name:?}: {} values for shape {:?}",
+                data.len(),
+                e.shape
+            );
+        }
+        let buf = if e.slot.trainable {
+            &mut self.train
+        } else {
+            &mut self.frozen
+        };
+        self.be.write(self.be.view_mut(buf, e.slot.range()), data)?;
+        Ok(())
+    }
+
+    /// Read one tensor of the layout to the host.
+    pub fn get_tensor(&self, name: &str) -> Result<Vec<f32>> {
+        let e = self
+            .layout
+            .tensors
+            .iter()
+            .find(|e| e.name == name)
+            .with_context(|| format!("no tensor {name:?} in the model"))?;
+        let buf = if e.slot.trainable {
+            &self.train
+        } else {
+            &self.frozen
+        };
+        Ok(self.be.download(self.be.view(buf, e.slot.range()))?)
+    }
+
+    /// The gradient of a trainable tensor, to the host.
+    pub fn get_grad(&self, name: &str) -> Result<Vec<f32>> {
+        let e = self
+            .layout
+            .tensors
+            .iter()
+            .find(|e| e.name == name)
+            .with_context(|| format!("no tensor {name:?} in the model"))?;
+        if !e.slot.trainable {
+            bail!("tensor {name:?} is frozen: it has no gradient");
+        }
+        Ok(self
+            .be
+            .download(self.be.view(&self.grads, e.slot.range()))?)
+    }
+
+    /// The name a trainable tensor has in a PEFT adapter file.
+    pub fn peft_name(name: &str) -> String {
+        format!("{PEFT_PREFIX}{name}")
+    }
+
+    /// Trainable tensors with their on-disk names (PEFT names in LoRA mode, HF names in full mode).
+    pub fn trainable_tensors(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+        let full = matches!(self.mode, TrainMode::Full);
+        let mut out = Vec::new();
+        for e in self.layout.tensors.iter().filter(|e| e.slot.trainable) {
+            let data = self
+                .be
+                .download(self.be.view(&self.train, e.slot.range()))?;
+            let name = if full {
+                e.name.clone()
+            } else {
+                Self::peft_name(&e.name)
+            };
+            out.push((name, e.shape.clone(), data));
+        }
+        Ok(out)
+    }
+
+    /// Set the trainable tensors from a file written by [`Self::trainable_tensors`]
+    /// (an adapter_model.safetensors, or model weights in full mode).
+    pub fn load_trainable(&mut self, files: &TensorFiles) -> Result<()> {
+        let full = matches!(self.mode, TrainMode::Full);
+        let entries: Vec<_> = self
+            .layout
+            .tensors
+            .iter()
+            .filter(|e| e.slot.trainable)
+            .cloned()
+            .collect();
+        for e in entries {
+            let name = if full {
+                e.name.clone()
+            } else {
+                Self::peft_name(&e.name)
+            };
+            let data = files.read_f32(&name, &e.shape)?;
+            let buf = &mut self.train;
+            self.be
+                .write(self.be.view_mut(buf, e.slot.range()), &data)?;
+        }
+        Ok(())
+    }
+
+    /// Load a PEFT adapter dir's weights into this LoRA model (whose LoRA
+    /// settings must match the adapter's config).
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        let TrainMode::Lora(mine) = &self.mode else {
+            bail!("cannot load an adapter into a full fine-tuning model")
+        };
+        let theirs = read_adapter_config(dir)?;
+        if theirs.r != mine.r
+            || theirs.target_modules != mine.target_modules
+            || theirs.modules_to_save != mine.modules_to_save
+        {
+            bail!(
+                "adapter in {} has r={} targets={:?} modules_to_save={:?}, but the model was set up with r={} targets={:?} modules_to_save={:?}",
+                dir.display(),
+                theirs.r,
+                theirs.target_modules,
+                theirs.modules_to_save,
+                mine.r,
+                mine.target_modules,
+                mine.modules_to_save
+            );
+        }
+        let files = TensorFiles::open_files(&[dir.join("adapter_model.safetensors")])?;
+        self.load_trainable(&files)
+            .with_context(|| format!("loading the adapter in {}", dir.display()))
+    }
+
+    /// Write a PEFT adapter dir: adapter_config.json + adapter_model.safetensors.
+    pub fn save_adapter(&self, dir: &Path, base_model_name_or_path: Option<&str>) -> Result<()> {
+        let TrainMode::Lora(l) = &self.mode else {
+            bail!("save_adapter needs a LoRA model")
+        };
+        let tensors = self.trainable_tensors()?;
+        save_tensors(
+            &dir.join("adapter_model.safetensors"),
+            &tensors,
+            SaveDtype::F32,
+            Some([("format".to_string(), "pt".to_string())].into()),
+        )?;
+        let config = json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model_name_or_path,
+            "r": l.r,
+            "lora_alpha": l.alpha,
+            "lora_dropout": l.dropout,
+            "target_modules": l.target_modules,
+            "modules_to_save": if l.modules_to_save.is_empty() { Value::Null } else { json!(l.modules_to_save) },
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "use_rslora": false,
+            "use_dora": false,
+            "layers_to_transform": null,
+            "layers_pattern": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "revision": null,
+        });
+        write_json_atomic(&dir.join("adapter_config.json"), &config)
+    }
+
+    /// Write a transformers-loadable model dir (config.json + model.safetensors)
+    /// with every weight — merged with the LoRA update when in LoRA mode.
+    pub fn save_full_model(&self, dir: &Path, dtype: SaveDtype) -> Result<()> {
+        let mut tensors = Vec::new();
+        for e in self
+            .layout
+            .tensors
+            .iter()
+            .filter(|e| e.kind == TensorKind::Base)
+        {
+            let buf = if e.slot.trainable {
+                &self.train
+            } else {
+                &self.frozen
+            };
+            tensors.push((
+                e.name.clone(),
+                e.shape.clone(),
+                self.be.download(self.be.view(buf, e.slot.range()))?,
+            ));
+        }
+        if let TrainMode::Lora(l) = &self.mode {
+            // W += s · B·A for every adapted linear.
+            let s = l.scaling();
+            for (name, shape, w) in tensors.iter_mut() {
+                let Some(prefix) = name.strip_suffix(".weight") else {
+                    continue;
+                };
+                let (Ok(a), Ok(b)) = (
+                    self.get_tensor(&format!("{prefix}.lora_A.weight")),
+                    self.get_tensor(&format!("{prefix}.lora_B.weight")),
+                ) else {
+                    continue;
+                };
+                let (n_out, n_in, r) = (shape[0], shape[1], l.r);
+                for o in 0..n_out {
+                    for i in 0..n_in {
+                        let mut acc = 0f32;
+                        for k in 0..r {
+                            acc += b[o * r + k] * a[k * n_in + i];
+                        }
+                        w[o * n_in + i] += s * acc;
+                    }
+                }
+            }
+        }
+        save_tensors(
+            &dir.join("model.safetensors"),
+            &tensors,
+            dtype,
+            Some([("format".to_string(), "pt".to_string())].into()),
+        )?;
+        let mut config = self.cfg.raw.clone();
+        if let Some(obj) = config.as_object_mut() {
+            obj.insert("torch_dtype".into(), json!(dtype.torch_name()));
+            if obj.contains_key("dtype") {
+                obj.insert("dtype".into(), json!(dtype.torch_name()));
+            }
+        }
+        write_json_atomic(&dir.join("config.json"), &config)
+    }
+}

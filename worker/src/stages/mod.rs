@@ -1,0 +1,70 @@
+//! The training stages. Each takes MedicalGPT's arguments (same names, same
+//! defaults) and runs in one process; the coordinator drives them later.
+
+pub mod args;
+pub mod eval;
+pub mod pt;
+
+use crate::model::params::TrainMode;
+use crate::model::weights::TensorFiles;
+use crate::model::Llama;
+use anyhow::{Context, Result};
+use rlhf_kernels::Backend;
+use std::path::Path;
+
+/// Set a model's trainable weights from a checkpoint/output dir written by
+/// [`save_weights`].
+pub fn load_checkpoint_weights<B: Backend>(model: &mut Llama<B>, dir: &Path) -> Result<()> {
+    let file = match model.mode {
+        TrainMode::Lora(_) => dir.join("adapter_model.safetensors"),
+        TrainMode::Full => dir.join("model.safetensors"),
+    };
+    let files = TensorFiles::open_files(&[file])?;
+    model
+        .load_trainable(&files)
+        .with_context(|| format!("loading weights from {}", dir.display()))
+}
+
+/// Write what a stage produces into `dir`: a PEFT adapter in LoRA mode, a
+/// transformers model dir in full mode. Tokenizer files are copied beside it.
+pub fn save_weights<B: Backend>(
+    model: &Llama<B>,
+    dir: &Path,
+    base_model: &Path,
+    tokenizer_dir: &Path,
+) -> Result<()> {
+    match model.mode {
+        TrainMode::Lora(_) => model.save_adapter(dir, base_model.to_str())?,
+        TrainMode::Full => {
+            model.save_full_model(dir, crate::model::weights::SaveDtype::F32)?;
+            copy_if_present(base_model, dir, &["generation_config.json"])?;
+        }
+    }
+    copy_if_present(
+        tokenizer_dir,
+        dir,
+        &[
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+            "tokenizer.model",
+        ],
+    )
+}
+
+/// Copy the named files that exist in `from` into `to`, atomically each.
+fn copy_if_present(from: &Path, to: &Path, names: &[&str]) -> Result<()> {
+    if from == to {
+        return Ok(());
+    }
+    for name in names {
+        let src = from.join(name);
+        if src.exists() {
+            let bytes =
+                std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+            crate::fsutil::write_atomic(&to.join(name), &bytes)?;
+        }
+    }
+    Ok(())
+}

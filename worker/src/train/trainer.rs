@@ -1,0 +1,395 @@
+//! The causal-LM training loop shared by the stages: deterministic epoch
+//! order, gradient accumulation normalised by the tokens of the whole optimizer
+//! step, clipping, AdamW, schedules, logging, evaluation, checkpoints, resume.
+
+use super::checkpoint::{self, TrainerState};
+use super::metrics::{Metrics, Progress};
+use super::optim::{OptimConfig, Optimizer};
+use super::schedule::{Schedule, ScheduleKind};
+use crate::model::{Batch, Llama};
+use anyhow::{bail, Context, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rlhf_kernels::Backend;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// One training example: token ids and their labels (-100 = not predicted).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i32>,
+}
+
+impl Sample {
+    /// A language-modelling sample: every token is a label.
+    pub fn causal(ids: Vec<u32>) -> Self {
+        let labels = ids.iter().map(|&x| x as i32).collect();
+        Sample {
+            input_ids: ids,
+            labels,
+        }
+    }
+}
+
+/// Right-pad samples into one batch (pad = `pad_id`, label -100, mask 0).
+pub fn collate(samples: &[&Sample], pad_id: u32) -> Batch {
+    let t = samples.iter().map(|s| s.input_ids.len()).max().unwrap_or(0);
+    let b = samples.len();
+    let mut input_ids = vec![pad_id; b * t];
+    let mut labels = vec![-100; b * t];
+    let mut mask = vec![0u8; b * t];
+    for (i, s) in samples.iter().enumerate() {
+        let n = s.input_ids.len();
+        input_ids[i * t..i * t + n].copy_from_slice(&s.input_ids);
+        labels[i * t..i * t + n].copy_from_slice(&s.labels);
+        mask[i * t..i * t + n].fill(1);
+    }
+    let padded = mask.iter().any(|&m| m == 0);
+    Batch {
+        b,
+        t,
+        input_ids,
+        attention_mask: padded.then_some(mask),
+        labels,
+    }
+}
+
+/// transformers' TrainingArguments that the trainer honours (same names, same defaults).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainArgs {
+    pub output_dir: PathBuf,
+    pub per_device_train_batch_size: usize,
+    pub per_device_eval_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub max_grad_norm: f64,
+    pub num_train_epochs: f64,
+    /// > 0 overrides num_train_epochs.
+    pub max_steps: i64,
+    pub lr_scheduler_type: ScheduleKind,
+    pub warmup_ratio: f64,
+    pub warmup_steps: u64,
+    pub logging_steps: u64,
+    /// Evaluate every N steps (None: only at the end).
+    pub eval_steps: Option<u64>,
+    pub save_steps: u64,
+    pub save_total_limit: Option<usize>,
+    pub seed: u64,
+    pub resume_from_checkpoint: Option<String>,
+    /// Stop after this many optimizer steps of this process (for tests of
+    /// interruption); None runs to the end.
+    pub stop_after_steps: Option<u64>,
+    pub show_progress: bool,
+}
+
+impl Default for TrainArgs {
+    fn default() -> Self {
+        TrainArgs {
+            output_dir: PathBuf::from("outputs"),
+            per_device_train_batch_size: 8,
+            per_device_eval_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            learning_rate: 5e-5,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            num_train_epochs: 3.0,
+            max_steps: -1,
+            lr_scheduler_type: ScheduleKind::Linear,
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            logging_steps: 500,
+            eval_steps: None,
+            save_steps: 500,
+            save_total_limit: None,
+            seed: 42,
+            resume_from_checkpoint: None,
+            stop_after_steps: None,
+            show_progress: true,
+        }
+    }
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainSummary {
+    pub global_step: u64,
+    /// false when stopped early by `stop_after_steps`.
+    pub finished: bool,
+    pub train_loss: f64,
+    pub eval: Option<EvalResult>,
+    pub tokens_per_sec: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub perplexity: f64,
+    /// Predicted tokens.
+    pub tokens: usize,
+}
+
+/// Loss and perplexity over `samples` (token-weighted mean of the loss).
+pub fn evaluate<B: Backend>(
+    model: &mut Llama<B>,
+    samples: &[Sample],
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<EvalResult> {
+    let mut loss_sum = 0.0;
+    let mut tokens = 0;
+    for chunk in samples.chunks(batch_size.max(1)) {
+        let refs: Vec<&Sample> = chunk.iter().collect();
+        let (stats, _) = model.forward(&collate(&refs, pad_id), false)?;
+        loss_sum += stats.loss_sum;
+        tokens += stats.tokens;
+    }
+    if tokens == 0 {
+        bail!("nothing to evaluate: no predicted tokens");
+    }
+    let loss = loss_sum / tokens as f64;
+    Ok(EvalResult {
+        loss,
+        perplexity: loss.exp(),
+        tokens,
+    })
+}
+
+/// The indices of each epoch's samples, shuffled from (seed, epoch).
+fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    let mut rng =
+        rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    idx.shuffle(&mut rng);
+    idx
+}
+
+/// Train `model` on `train`, evaluating on `eval`. `save_weights(model, dir)`
+/// writes the stage's weights (adapter or model) into a checkpoint dir.
+pub fn train<B: Backend>(
+    model: &mut Llama<B>,
+    train: &[Sample],
+    eval: &[Sample],
+    pad_id: u32,
+    args: &TrainArgs,
+    save_weights: &dyn Fn(&Llama<B>, &Path) -> Result<()>,
+) -> Result<TrainSummary> {
+    if train.is_empty() {
+        bail!("no training samples");
+    }
+    let bs = args.per_device_train_batch_size.max(1);
+    let ga = args.gradient_accumulation_steps.max(1);
+    let batches_per_epoch = train.len().div_ceil(bs);
+    let steps_per_epoch = batches_per_epoch.div_ceil(ga) as u64;
+    let total_steps = if args.max_steps > 0 {
+        args.max_steps as u64
+    } else {
+        (args.num_train_epochs * steps_per_epoch as f64)
+            .ceil()
+            .max(1.0) as u64
+    };
+    let schedule = Schedule::new(
+        args.lr_scheduler_type,
+        args.learning_rate,
+        total_steps,
+        args.warmup_steps,
+        args.warmup_ratio,
+    );
+    let mut opt = Optimizer::new(
+        model,
+        OptimConfig {
+            weight_decay: args.weight_decay as f32,
+            beta1: args.adam_beta1 as f32,
+            beta2: args.adam_beta2 as f32,
+            eps: args.adam_epsilon as f32,
+            max_grad_norm: args.max_grad_norm as f32,
+        },
+    )?;
+    std::fs::create_dir_all(&args.output_dir)
+        .with_context(|| format!("creating {}", args.output_dir.display()))?;
+    let mut metrics = Metrics::open(&args.output_dir.join("metrics.jsonl"))?;
+
+    let mut start_step = 0;
+    if let Some(arg) = &args.resume_from_checkpoint {
+        let dir = checkpoint::resolve(arg, &args.output_dir)?;
+        let (state, m, v) = checkpoint::load(&dir)?;
+        if state.train_len != model.layout.train_len {
+            bail!(
+                "{}: checkpoint has {} trainable values, this model {}",
+                dir.display(),
+                state.train_len,
+                model.layout.train_len
+            );
+        }
+        if state.steps_per_epoch != steps_per_epoch || state.seed != args.seed {
+            bail!(
+                "{}: checkpoint was made with {} steps per epoch and seed {}, this run has {} and {}: the data or batch settings changed",
+                dir.display(),
+                state.steps_per_epoch,
+                state.seed,
+                steps_per_epoch,
+                args.seed
+            );
+        }
+        crate::stages::load_checkpoint_weights(model, &dir)?;
+        model
+            .be
+            .write(model.be.view_mut(&mut opt.m, 0..m.len()), &m)?;
+        model
+            .be
+            .write(model.be.view_mut(&mut opt.v, 0..v.len()), &v)?;
+        opt.step = state.global_step;
+        start_step = state.global_step;
+        metrics.truncate_after(start_step)?;
+        tracing::info!(checkpoint = %dir.display(), step = start_step, "resumed");
+    }
+
+    let progress = Progress::new(total_steps, start_step, args.show_progress);
+    let t0 = Instant::now();
+    let mut tokens_seen = 0usize;
+    let mut window_loss = 0.0;
+    let mut window_steps = 0u64;
+    let mut total_loss = 0.0;
+    let mut total_loss_steps = 0u64;
+    let mut last_eval = None;
+    let mut order_epoch = u64::MAX;
+    let mut order = Vec::new();
+    let mut step = start_step;
+    while step < total_steps {
+        let epoch = step / steps_per_epoch;
+        if epoch != order_epoch {
+            order = epoch_order(train.len(), args.seed, epoch);
+            order_epoch = epoch;
+        }
+        let in_epoch = (step % steps_per_epoch) as usize;
+        let first_batch = in_epoch * ga;
+        let last_batch = ((in_epoch + 1) * ga).min(batches_per_epoch);
+        let batches: Vec<_> = (first_batch..last_batch)
+            .map(|bi| {
+                let idx = &order[bi * bs..((bi + 1) * bs).min(train.len())];
+                let refs: Vec<&Sample> = idx.iter().map(|&i| &train[i]).collect();
+                collate(&refs, pad_id)
+            })
+            .collect();
+        let step_tokens: usize = batches
+            .iter()
+            .map(|b| b.shifted_targets().iter().filter(|&&t| t != -100).count())
+            .sum();
+        if step_tokens == 0 {
+            bail!("optimizer step {step} has no tokens to predict");
+        }
+        model.zero_grads()?;
+        let mut loss_sum = 0.0;
+        for (micro, batch) in batches.iter().enumerate() {
+            let seed =
+                args.seed ^ (step * 1024 + micro as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
+            let stats = model.forward_backward(batch, 1.0 / step_tokens as f32, Some(seed))?;
+            loss_sum += stats.loss_sum;
+            tokens_seen += batch.b * batch.t;
+        }
+        let lr = schedule.lr(step);
+        let grad_norm = opt.step(model, lr)?;
+        step += 1;
+        let loss = loss_sum / step_tokens as f64;
+        if !loss.is_finite() {
+            bail!("loss became {loss} at step {step}; lower the learning rate or check the data");
+        }
+        window_loss += loss;
+        window_steps += 1;
+        total_loss += loss;
+        total_loss_steps += 1;
+        let tps = tokens_seen as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        progress.update(step, loss, lr, tps);
+        if args.logging_steps > 0 && step % args.logging_steps == 0 {
+            let mean = window_loss / window_steps as f64;
+            metrics.write(&json!({
+                "step": step, "epoch": step as f64 / steps_per_epoch as f64, "loss": mean,
+                "learning_rate": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
+            }))?;
+            tracing::info!(
+                step,
+                loss = mean,
+                lr,
+                grad_norm,
+                tokens_per_sec = tps,
+                "train"
+            );
+            window_loss = 0.0;
+            window_steps = 0;
+        }
+        if !eval.is_empty()
+            && args.eval_steps.is_some_and(|e| e > 0 && step % e == 0)
+            && step < total_steps
+        {
+            let r = evaluate(model, eval, args.per_device_eval_batch_size, pad_id)?;
+            log_eval(&mut metrics, step, &r)?;
+            last_eval = Some(r);
+        }
+        if args.save_steps > 0 && step % args.save_steps == 0 && step < total_steps {
+            let state = TrainerState {
+                global_step: step,
+                total_steps,
+                steps_per_epoch,
+                seed: args.seed,
+                train_len: model.layout.train_len,
+            };
+            let (m, v) = (
+                model
+                    .be
+                    .download(model.be.view(&opt.m, 0..state.train_len))?,
+                model
+                    .be
+                    .download(model.be.view(&opt.v, 0..state.train_len))?,
+            );
+            let dir =
+                checkpoint::save(&args.output_dir, &state, &m, &v, |d| save_weights(model, d))?;
+            tracing::info!(checkpoint = %dir.display(), "saved");
+            if let Some(limit) = args.save_total_limit {
+                checkpoint::prune(&args.output_dir, limit)?;
+            }
+        }
+        if args
+            .stop_after_steps
+            .is_some_and(|n| step - start_step >= n)
+            && step < total_steps
+        {
+            progress.finish();
+            tracing::warn!(step, "stopping early as asked (stop_after_steps)");
+            return Ok(TrainSummary {
+                global_step: step,
+                finished: false,
+                train_loss: total_loss / total_loss_steps.max(1) as f64,
+                eval: last_eval,
+                tokens_per_sec: tokens_seen as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            });
+        }
+    }
+    progress.finish();
+    let eval_result = if eval.is_empty() {
+        None
+    } else {
+        let r = evaluate(model, eval, args.per_device_eval_batch_size, pad_id)?;
+        log_eval(&mut metrics, step, &r)?;
+        Some(r)
+    };
+    Ok(TrainSummary {
+        global_step: step,
+        finished: true,
+        train_loss: total_loss / total_loss_steps.max(1) as f64,
+        eval: eval_result,
+        tokens_per_sec: tokens_seen as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+    })
+}
+
+fn log_eval(metrics: &mut Metrics, step: u64, r: &EvalResult) -> Result<()> {
+    tracing::info!(step, eval_loss = r.loss, perplexity = r.perplexity, "eval");
+    metrics.write(&json!({"step": step, "eval_loss": r.loss, "perplexity": r.perplexity, "eval_tokens": r.tokens}))
+}

@@ -1,3 +1,123 @@
-fn main() {
-    println!("rlhf");
+//! `rlhf`: the command line. Each stage takes MedicalGPT's argument names
+//! (snake_case) and defaults.
+
+mod demo;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use rlhf_worker::init_model::{init_model, InitModelArgs};
+use rlhf_worker::stages;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "rlhf", version, about = "LLM training pipeline: PT, SFT, RM, RLHF — LoRA or full fine-tuning", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continued pre-training on .txt/.json/.jsonl text (MedicalGPT pretraining.py).
+    Pt(stages::pt::PtArgs),
+    /// Loss and perplexity of a model (+ adapter) on a text file, as JSON.
+    Eval(stages::eval::EvalArgs),
+    /// Make a small random Llama model dir with a BPE tokenizer trained on a corpus.
+    #[command(name = "init-model")]
+    InitModel(InitModelCli),
+    /// The demo: a fictional medical domain, a small model, PT, held-out perplexity before and after.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Args)]
+struct InitModelCli {
+    /// Text file(s) to train the tokenizer on (one document per line).
+    #[arg(long = "corpus", required = true, num_args = 1..)]
+    corpus: Vec<PathBuf>,
+    #[arg(long = "output_dir")]
+    output_dir: PathBuf,
+    #[arg(long = "vocab_size", default_value_t = 4096)]
+    vocab_size: usize,
+    #[arg(long = "hidden_size", default_value_t = 256)]
+    hidden_size: usize,
+    #[arg(long = "intermediate_size", default_value_t = 688)]
+    intermediate_size: usize,
+    #[arg(long = "num_hidden_layers", default_value_t = 4)]
+    num_hidden_layers: usize,
+    #[arg(long = "num_attention_heads", default_value_t = 4)]
+    num_attention_heads: usize,
+    #[arg(long = "num_key_value_heads", default_value_t = 2)]
+    num_key_value_heads: usize,
+    #[arg(long = "max_position_embeddings", default_value_t = 512)]
+    max_position_embeddings: usize,
+    #[arg(long = "rope_theta", default_value_t = 10000.0)]
+    rope_theta: f64,
+    #[arg(long = "tie_word_embeddings", default_value = "false", value_parser = stages::args::parse_bool, num_args = 0..=1, default_missing_value = "true")]
+    tie_word_embeddings: bool,
+    #[arg(long = "seed", default_value_t = 42)]
+    seed: u64,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Pt(args) => {
+            let r = stages::pt::run(&args)?;
+            let mut out = serde_json::json!({
+                "global_step": r.summary.global_step,
+                "train_loss": r.summary.train_loss,
+                "train_blocks": r.train_blocks,
+                "eval_blocks": r.eval_blocks,
+                "tokens_per_sec": r.summary.tokens_per_sec,
+                "output_dir": args.training.output_dir,
+            });
+            if let Some(e) = r.initial_eval {
+                out["initial_eval_loss"] = e.loss.into();
+                out["initial_perplexity"] = e.perplexity.into();
+            }
+            if let Some(e) = r.summary.eval {
+                out["eval_loss"] = e.loss.into();
+                out["perplexity"] = e.perplexity.into();
+            }
+            println!("{out}");
+        }
+        Command::Eval(args) => println!("{}", stages::eval::run(&args)?),
+        Command::InitModel(a) => {
+            let args = InitModelArgs {
+                vocab_size: a.vocab_size,
+                hidden_size: a.hidden_size,
+                intermediate_size: a.intermediate_size,
+                num_hidden_layers: a.num_hidden_layers,
+                num_attention_heads: a.num_attention_heads,
+                num_key_value_heads: a.num_key_value_heads,
+                max_position_embeddings: a.max_position_embeddings,
+                rope_theta: a.rope_theta,
+                tie_word_embeddings: a.tie_word_embeddings,
+                seed: a.seed,
+                ..InitModelArgs::default()
+            };
+            init_model(&a.corpus, &a.output_dir, &args)?;
+            println!("{}", serde_json::json!({ "output_dir": a.output_dir }));
+        }
+        Command::Demo(args) => demo::run(&args)?,
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

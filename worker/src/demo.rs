@@ -343,7 +343,7 @@ impl DemoDomain {
     /// Every fact as a question, its full answer, a short checkable answer and
     /// a plausible wrong answer.
     fn fact_questions(&self) -> Vec<FactQuestion> {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed.wrapping_add(0x5eed_0f_0a));
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed.wrapping_add(0x5eed_0f0a));
         let mut out = Vec::new();
         for (i, d) in self.diseases.iter().enumerate() {
             let drug = &self.drugs[d.drug].name;

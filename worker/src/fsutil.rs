@@ -25,6 +25,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The process umask, read without changing it (from /proc; 022 if unavailable).
+#[cfg(unix)]
+fn current_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:").map(|v| v.trim().to_owned()))
+        })
+        .and_then(|v| u32::from_str_radix(&v, 8).ok())
+        .unwrap_or(0o022)
+}
+
 /// Write a value as pretty JSON, atomically.
 pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     let mut s = serde_json::to_string_pretty(value)?;
@@ -45,5 +58,15 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         let n = std::fs::read_dir(p.parent().unwrap()).unwrap().count();
         assert_eq!(n, 1, "only the target file remains");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(
+                mode,
+                0o666 & !current_umask(),
+                "permissions as a plain create gives"
+            );
+        }
     }
 }

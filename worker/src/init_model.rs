@@ -83,21 +83,21 @@ impl InitModelArgs {
                 bail!("{name} must be > 0");
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !divides(self.num_attention_heads, self.hidden_size) {
             bail!(
                 "num_attention_heads ({}) must divide hidden_size ({})",
                 self.num_attention_heads,
                 self.hidden_size
             );
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !divides(self.num_key_value_heads, self.num_attention_heads) {
             bail!(
                 "num_key_value_heads ({}) must divide num_attention_heads ({})",
                 self.num_key_value_heads,
                 self.num_attention_heads
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !divides(2, self.head_dim()) {
             bail!(
                 "head_dim = hidden_size / num_attention_heads = {} must be even for RoPE",
                 self.head_dim()
@@ -117,6 +117,12 @@ impl InitModelArgs {
         }
         Ok(())
     }
+}
+
+/// `d` divides `n` (written out: `usize::is_multiple_of` needs Rust 1.87, the workspace says 1.85).
+fn divides(d: usize, n: usize) -> bool {
+    let rem = n % d;
+    rem == 0
 }
 
 /// Read the corpus (files or folders of `.txt`/`.json`/`.jsonl`, as PT reads them).

@@ -124,7 +124,7 @@ fn max_length_field(obj: &Map<String, Value>, file: &Path) -> Result<Option<usiz
         )
     };
     let f = v.as_f64().ok_or_else(bad)?;
-    if !(f >= 1.0) || f.fract() != 0.0 {
+    if f < 1.0 || f.is_nan() || f.fract() != 0.0 {
         return Err(bad());
     }
     if f >= UNLIMITED_MAX_LENGTH {
@@ -372,12 +372,12 @@ impl Tokenizer {
     }
 
     /// `encode` of many texts, in parallel (rayon), order preserved.
-    pub fn encode_batch(
+    pub fn encode_batch<S: AsRef<str>>(
         &self,
-        texts: &[String],
+        texts: &[S],
         add_special_tokens: bool,
     ) -> Result<Vec<Vec<u32>>> {
-        let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
         let encs = self
             .inner
             .encode_batch_fast(inputs, add_special_tokens)

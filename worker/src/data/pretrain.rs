@@ -434,7 +434,7 @@ pub fn build_pt_blocks(
         block_size = max;
     }
     let encode = |docs: &[Document]| -> Result<Vec<Vec<u32>>> {
-        let texts: Vec<String> = docs.iter().map(|d| d.text.clone()).collect();
+        let texts: Vec<&str> = docs.iter().map(|d| d.text.as_str()).collect();
         tokenizer.encode_batch(&texts, true)
     };
     let train = encode(train_docs).context("tokenizing the PT training documents")?;

@@ -1,0 +1,1 @@
+//! `rlhf pt`, `rlhf eval`, `rlhf init-model` end to end.

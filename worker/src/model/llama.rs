@@ -613,6 +613,26 @@ impl<B: Backend> FwdCtx<'_, B> {
         self.batch.b * self.batch.t
     }
 
+    /// The LoRA path's input: dropout(x) written into `scratch` when training
+    /// with dropout (the same mask in forward and backward, from `seed`), else x.
+    fn lora_input<'b>(
+        &self,
+        x: &'b B::Buf,
+        scratch: &'b mut B::Buf,
+        n_in: usize,
+        seed: u64,
+    ) -> Result<B::View<'b>> {
+        let be = self.be;
+        let len = self.n() * n_in;
+        Ok(match self.dropout {
+            Some((p, _)) => {
+                be.dropout_forward(be.view_mut(scratch, 0..len), all(be, x), p, seed)?;
+                be.view(scratch, 0..len)
+            }
+            None => all(be, x),
+        })
+    }
+
     /// y[N,out] (=|+=) x[N,in]·Wᵀ + b + s·dropout(x)·Aᵀ·Bᵀ; keeps dropout(x)·Aᵀ in `xa`.
     #[allow(clippy::too_many_arguments)]
     fn linear_forward(
@@ -640,13 +660,7 @@ impl<B: Backend> FwdCtx<'_, B> {
             be.add_bias(all_mut(be, y), self.w.get(bias), lin.n_out)?;
         }
         if let (Some((a, b)), Some(xa)) = (lin.lora, xa) {
-            let src = match self.dropout {
-                Some((p, _)) => {
-                    be.dropout_forward(be.view_mut(lora_x, 0..n * lin.n_in), all(be, x), p, seed)?;
-                    be.view(lora_x, 0..n * lin.n_in)
-                }
-                None => all(be, x),
-            };
+            let src = self.lora_input(x, lora_x, lin.n_in, seed)?;
             be.gemm(
                 all_mut(be, xa),
                 src,
@@ -755,13 +769,7 @@ impl<B: Backend> FwdCtx<'_, B> {
             )?;
             // dA[r,in] += dxaᵀ · dropout(x)
             if let Some(da) = grad(be, grads, a) {
-                let src = match self.dropout {
-                    Some((p, _)) => {
-                        be.dropout_forward(be.view_mut(lora_x, 0..n * ni), all(be, x), p, seed)?;
-                        be.view(lora_x, 0..n * ni)
-                    }
-                    None => all(be, x),
-                };
+                let src = self.lora_input(x, lora_x, ni, seed)?;
                 be.gemm(
                     da,
                     be.view(lora_dxa, 0..n * r),

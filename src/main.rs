@@ -1,6 +1,7 @@
 //! `rlhf`: the command line. Each stage takes MedicalGPT's argument names
 //! (snake_case) and defaults.
 
+mod bench;
 mod demo;
 
 use anyhow::Result;
@@ -28,6 +29,8 @@ enum Command {
     InitModel(InitModelCli),
     /// The demo: a fictional medical domain, a small model, PT, held-out perplexity before and after.
     Demo(demo::DemoArgs),
+    /// Training throughput (tokens/s, model FLOP/s, peak memory) of LoRA and full fine-tuning on built-in model shapes.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -100,6 +103,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::json!({ "output_dir": a.output_dir }));
         }
         Command::Demo(args) => demo::run(&args)?,
+        Command::Bench(args) => bench::run(&args)?,
     }
     Ok(())
 }

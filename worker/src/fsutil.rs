@@ -48,6 +48,15 @@ fn current_umask() -> u32 {
         .unwrap_or(0o022)
 }
 
+/// An f32 as the JSON number a person wrote (0.05, not 0.05000000074505806):
+/// its shortest decimal form, read back as f64.
+pub fn json_f32(x: f32) -> serde_json::Value {
+    x.to_string()
+        .parse::<f64>()
+        .map(serde_json::Value::from)
+        .unwrap_or(serde_json::Value::Null)
+}
+
 /// Write a value as pretty JSON, atomically.
 pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     let mut s = serde_json::to_string_pretty(value)?;

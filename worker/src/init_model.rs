@@ -247,7 +247,7 @@ pub fn llama_config(args: &InitModelArgs, tokenizer: &Tokenizer) -> Result<serde
         "head_dim": args.head_dim(),
         "hidden_act": "silu",
         "hidden_size": args.hidden_size,
-        "initializer_range": INITIALIZER_RANGE,
+        "initializer_range": crate::fsutil::json_f32(INITIALIZER_RANGE),
         "intermediate_size": args.intermediate_size,
         "max_position_embeddings": args.max_position_embeddings,
         "mlp_bias": false,

@@ -213,13 +213,18 @@ pub fn train<B: Backend>(
             max_grad_norm: args.max_grad_norm as f32,
         },
     )?;
+    // Find the checkpoint before creating anything, so a bad resume leaves no trace.
+    let resume_dir = args
+        .resume_from_checkpoint
+        .as_ref()
+        .map(|arg| checkpoint::resolve(arg, &args.output_dir))
+        .transpose()?;
     std::fs::create_dir_all(&args.output_dir)
         .with_context(|| format!("creating {}", args.output_dir.display()))?;
     let mut metrics = Metrics::open(&args.output_dir.join("metrics.jsonl"))?;
 
     let mut start_step = 0;
-    if let Some(arg) = &args.resume_from_checkpoint {
-        let dir = checkpoint::resolve(arg, &args.output_dir)?;
+    if let Some(dir) = resume_dir {
         let (state, m, v) = checkpoint::load(&dir)?;
         if state.train_len != model.layout.train_len {
             bail!(
@@ -333,7 +338,8 @@ pub fn train<B: Backend>(
             log_eval(&mut metrics, step, &r)?;
             last_eval = Some(r);
         }
-        if args.save_steps > 0 && step % args.save_steps == 0 && step < total_steps {
+        // As transformers' Trainer: every save_steps, and at the last step.
+        if args.save_steps > 0 && (step % args.save_steps == 0 || step == total_steps) {
             let state = TrainerState {
                 global_step: step,
                 total_steps,

@@ -23,7 +23,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RLHF = os.path.join(ROOT, "target", "release", "rlhf")
+# RLHF_BIN=/path/to/rlhf compares another build of rlhf against the same PyTorch.
+RLHF = os.environ.get("RLHF_BIN", os.path.join(ROOT, "target", "release", "rlhf"))
 TORCH_STEP = os.path.join(ROOT, "bench", "pytorch_step.py")
 # (steps, warmup) per model: a medium step takes ~1 s on 2 cores.
 STEPS = {"tiny": (30, 5), "medium": (5, 1)}

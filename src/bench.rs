@@ -218,7 +218,7 @@ fn build<B: Backend>(be: B, s: &Setup, seed: u64) -> Result<Llama<B>> {
 
 /// Random token rows, labels = inputs (as in pre-training).
 fn batches(s: &Setup, n: usize, seed: u64) -> Vec<Batch> {
-    let mut rng = Rng(seed ^ 0xB47C_4E5);
+    let mut rng = Rng(seed ^ 0x0B47_C4E5);
     (0..n)
         .map(|_| {
             let ids: Vec<u32> = (0..s.b * s.t)

@@ -282,15 +282,32 @@ pub struct AdamW {
 }
 
 /// The dropout mask: whether element `i` is kept under seed `seed` with drop
-/// probability `p`. A hash of (seed, i) (splitmix64), so every backend and every
-/// recomputation draws the identical mask without storing it.
-#[inline]
+/// probability `p`: a keyed 32-bit hash of `i` (two rounds of Wellons'
+/// lowbias32, keyed by the two halves of the seed) compared with p·2³². Every
+/// backend and every recomputation draws the identical mask without storing
+/// it, and 32-bit integer math vectorises on CPUs and is native on GPUs.
+#[inline(always)]
 pub fn dropout_keep(seed: u64, i: u64, p: f32) -> bool {
-    let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    // top 24 bits -> uniform in [0,1)
-    let u = (z >> 40) as f32 / (1u64 << 24) as f32;
-    u >= p
+    dropout_bits(seed, i) as u64 >= dropout_threshold(p)
+}
+
+/// Drop iff `dropout_bits(seed, i) < dropout_threshold(p)`; p ≥ 1 drops everything.
+#[inline(always)]
+pub fn dropout_threshold(p: f32) -> u64 {
+    (p.clamp(0.0, 1.0) as f64 * 4_294_967_296.0) as u64
+}
+
+/// The 32 random bits behind element `i`'s keep/drop decision.
+#[inline(always)]
+pub fn dropout_bits(seed: u64, i: u64) -> u32 {
+    #[inline(always)]
+    fn lowbias32(mut x: u32) -> u32 {
+        x ^= x >> 16;
+        x = x.wrapping_mul(0x7feb_352d);
+        x ^= x >> 15;
+        x = x.wrapping_mul(0x846c_a68b);
+        x ^ (x >> 16)
+    }
+    let idx = (i as u32) ^ ((i >> 32) as u32).wrapping_mul(0x9E37_79B9);
+    lowbias32(lowbias32(idx ^ seed as u32) ^ (seed >> 32) as u32)
 }

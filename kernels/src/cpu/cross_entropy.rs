@@ -4,6 +4,7 @@
 
 use super::check::{expect_len, rows_of, shape_err};
 use super::par::rows_per_task;
+use super::simd::{self, simd_fn};
 use crate::backend::Result;
 use crate::KernelError;
 use rayon::prelude::*;
@@ -55,34 +56,36 @@ pub fn cross_entropy(
                 }
                 return;
             }
-            let t = t as usize;
-            // Subtract the max so exp never overflows; sum in f64 over V terms.
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = match grad_scale {
-                // Keep exp(x − max) in the row: the gradient reuses it.
-                Some(_) => {
-                    let target_logit = row[t];
-                    let mut sum = 0.0f64;
-                    for x in row.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x as f64;
-                    }
-                    *loss = (max as f64 + sum.ln() - target_logit as f64) as f32;
-                    sum
-                }
-                None => {
-                    let sum = row.iter().map(|&x| (x - max).exp() as f64).sum::<f64>();
-                    *loss = (max as f64 + sum.ln() - row[t] as f64) as f32;
-                    sum
-                }
-            };
-            if let Some(s) = grad_scale {
-                let k = (s as f64 / sum) as f32; // s / Σexp
-                row.iter_mut().for_each(|e| *e *= k);
-                row[t] -= s;
-            }
+            *loss = row_loss(
+                row,
+                t as usize,
+                grad_scale.unwrap_or(0.0),
+                grad_scale.is_some(),
+            );
         });
     Ok(losses)
+}
+
+simd_fn! {
+    /// One row: the loss −log softmax(row)[t]; with `write_grad`, row becomes
+    /// s·(softmax − onehot(t)). The max is subtracted so exp never overflows;
+    /// Σexp is accumulated in f64 over the V terms.
+    fn row_loss(row: &mut [f32], t: usize, s: f32, write_grad: bool) -> f32 {
+        let max = simd::max(row);
+        let target_logit = row[t];
+        if !write_grad {
+            let sum = simd::sum_exp_shift(row, max);
+            return (max as f64 + sum.ln() - target_logit as f64) as f32;
+        }
+        // Keep exp(x − max) in the row: the gradient reuses it.
+        let sum = simd::exp_shift_sum(row, max);
+        let k = (s as f64 / sum) as f32; // s / Σexp
+        for e in row.iter_mut() {
+            *e *= k;
+        }
+        row[t] -= s;
+        (max as f64 + sum.ln() - target_logit as f64) as f32
+    }
 }
 
 /// Reference: plain loops in f64. Returns (loss[N], dlogits[N,V] for scale s).

@@ -4,17 +4,27 @@
 
 use super::check::{expect_len, shape_err};
 use super::par::CHUNK;
-use crate::backend::{dropout_keep, Result};
+use super::simd::simd_fn;
+use crate::backend::{dropout_bits, dropout_threshold, Result};
 use rayon::prelude::*;
 
-/// The factor applied to element `i`: 1/(1−p) if kept, else 0. Written as a
-/// branch so that p = 1 (drop everything) gives 0, not 0·inf = NaN.
-#[inline]
-fn factor(seed: u64, i: usize, p: f32, inv_keep: f32) -> f32 {
-    if dropout_keep(seed, i as u64, p) {
-        inv_keep
-    } else {
-        0.0
+simd_fn! {
+    /// out[j] = x[j]·keep(base + j)/(1−p) on one chunk (a select, so it vectorises).
+    fn forward_chunk(out: &mut [f32], x: &[f32], seed: u64, base: u64, threshold: u64, inv_keep: f32) {
+        for (j, (o, &x)) in out.iter_mut().zip(x).enumerate() {
+            let keep = dropout_bits(seed, base + j as u64) as u64 >= threshold;
+            *o = if keep { x * inv_keep } else { 0.0 };
+        }
+    }
+}
+
+simd_fn! {
+    /// dx[j] += dout[j]·keep(base + j)/(1−p) on one chunk.
+    fn backward_chunk(dx: &mut [f32], dout: &[f32], seed: u64, base: u64, threshold: u64, inv_keep: f32) {
+        for (j, (d, &g)) in dx.iter_mut().zip(dout).enumerate() {
+            let keep = dropout_bits(seed, base + j as u64) as u64 >= threshold;
+            *d += if keep { g * inv_keep } else { 0.0 };
+        }
     }
 }
 
@@ -32,13 +42,12 @@ fn check_p(op: &'static str, p: f32) -> Result<f32> {
 pub fn forward(out: &mut [f32], x: &[f32], p: f32, seed: u64) -> Result<()> {
     expect_len("dropout_forward", "x", x.len(), out.len())?;
     let inv_keep = check_p("dropout_forward", p)?;
+    let threshold = dropout_threshold(p);
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .enumerate()
         .for_each(|(blk, (out, x))| {
-            for (j, (o, &x)) in out.iter_mut().zip(x).enumerate() {
-                *o = x * factor(seed, blk * CHUNK + j, p, inv_keep);
-            }
+            forward_chunk(out, x, seed, (blk * CHUNK) as u64, threshold, inv_keep)
         });
     Ok(())
 }
@@ -47,13 +56,12 @@ pub fn forward(out: &mut [f32], x: &[f32], p: f32, seed: u64) -> Result<()> {
 pub fn backward(dx: &mut [f32], dout: &[f32], p: f32, seed: u64) -> Result<()> {
     expect_len("dropout_backward", "dout", dout.len(), dx.len())?;
     let inv_keep = check_p("dropout_backward", p)?;
+    let threshold = dropout_threshold(p);
     dx.par_chunks_mut(CHUNK)
         .zip(dout.par_chunks(CHUNK))
         .enumerate()
         .for_each(|(blk, (dx, dout))| {
-            for (j, (d, &g)) in dx.iter_mut().zip(dout).enumerate() {
-                *d += g * factor(seed, blk * CHUNK + j, p, inv_keep);
-            }
+            backward_chunk(dx, dout, seed, (blk * CHUNK) as u64, threshold, inv_keep)
         });
     Ok(())
 }

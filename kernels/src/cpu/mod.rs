@@ -19,6 +19,7 @@ pub mod memory;
 mod par;
 pub mod rmsnorm;
 pub mod rope;
+mod simd;
 pub mod swiglu;
 #[cfg(test)]
 mod testutil;

@@ -6,10 +6,26 @@ use super::par::CHUNK;
 use crate::backend::Result;
 use rayon::prelude::*;
 
-#[inline]
-fn sigmoid(g: f32) -> f32 {
-    // exp(−g) overflows to inf for very negative g, giving exactly 0: no NaN.
-    1.0 / (1.0 + (-g).exp())
+use super::simd::{sigmoid, simd_fn};
+
+simd_fn! {
+    /// out = silu(gate)·up on one chunk.
+    fn forward_chunk(out: &mut [f32], gate: &[f32], up: &[f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g * sigmoid(g) * u;
+        }
+    }
+}
+
+simd_fn! {
+    /// dgate += dout·up·silu'(gate), dup += dout·silu(gate) on one chunk.
+    fn backward_chunk(dg: &mut [f32], du: &mut [f32], dout: &[f32], gate: &[f32], up: &[f32]) {
+        for ((dg, du), ((&d, &g), &u)) in dg.iter_mut().zip(du).zip(dout.iter().zip(gate).zip(up)) {
+            let s = sigmoid(g);
+            *dg += d * u * s * (1.0 + g * (1.0 - s));
+            *du += d * g * s;
+        }
+    }
 }
 
 /// out[N,F] = silu(gate) · up.
@@ -19,11 +35,7 @@ pub fn forward(out: &mut [f32], gate: &[f32], up: &[f32]) -> Result<()> {
     out.par_chunks_mut(CHUNK)
         .zip(gate.par_chunks(CHUNK))
         .zip(up.par_chunks(CHUNK))
-        .for_each(|((out, gate), up)| {
-            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                *o = g * sigmoid(g) * u;
-            }
-        });
+        .for_each(|((out, gate), up)| forward_chunk(out, gate, up));
     Ok(())
 }
 
@@ -50,15 +62,7 @@ pub fn backward(
         .zip(dup.par_chunks_mut(CHUNK))
         .zip(dout.par_chunks(CHUNK))
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-        .for_each(|(((dg, du), dout), (gate, up))| {
-            for ((dg, du), ((&d, &g), &u)) in
-                dg.iter_mut().zip(du).zip(dout.iter().zip(gate).zip(up))
-            {
-                let s = sigmoid(g);
-                *dg += d * u * s * (1.0 + g * (1.0 - s));
-                *du += d * g * s;
-            }
-        });
+        .for_each(|(((dg, du), dout), (gate, up))| backward_chunk(dg, du, dout, gate, up));
     Ok(())
 }
 

@@ -8,10 +8,11 @@
 //! query heads — no two tasks write the same element, with no extra buffers,
 //! and each element's additions happen in a fixed order (deterministic).
 
-use super::{visible, Dims, QB};
+use super::{Dims, QB};
 use crate::backend::{AttnShape, Result};
 use crate::cpu::matmul::{gemm_strided, Mat, MatMut};
 use crate::cpu::par::SyncPtr;
+use crate::cpu::simd;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -91,16 +92,9 @@ pub fn backward(
                         );
                     }
                     for (r, row) in sc.p.chunks_exact_mut(cols).enumerate() {
-                        let (i, l) = (i0 + r, lse[i0 + r]);
-                        for (j, x) in row.iter_mut().enumerate() {
-                            // lse = −inf marks a row with no visible key: every j fails
-                            // `visible`, so the row is all zeros (no exp(−inf − −inf)).
-                            *x = if visible(mask, i, j) {
-                                (*x - l).exp()
-                            } else {
-                                0.0
-                            };
-                        }
+                        // P = exp(S − lse). lse = −inf marks a row with no visible key:
+                        // masked_exp_row writes zeros there (no exp(−inf − −inf)).
+                        simd::masked_exp_row(row, i0 + r, mask, lse[i0 + r]);
                     }
                     // dV[0..cols] += Pᵀ · dO[i0..i1]
                     // SAFETY: as for the first GEMM of this block.

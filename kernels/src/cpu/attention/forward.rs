@@ -5,6 +5,7 @@ use super::{visible, Dims, QB};
 use crate::backend::{AttnShape, Result};
 use crate::cpu::matmul::{gemm_strided, Mat, MatMut};
 use crate::cpu::par::SyncPtr;
+use crate::cpu::simd;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -88,24 +89,19 @@ pub fn forward(
 /// probabilities in place, zero on invisible keys, and returns the row's
 /// log-sum-exp: −inf, with an all-zero row, when no key is visible.
 fn softmax_row(row: &mut [f32], i: usize, mask: Option<&[u8]>) -> f32 {
-    let max = (0..=i)
-        .filter(|&j| visible(mask, i, j))
-        .map(|j| row[j])
-        .fold(f32::NEG_INFINITY, f32::max);
+    let max = match mask {
+        None => simd::max_dispatch(&row[..=i]),
+        Some(_) => (0..=i)
+            .filter(|&j| visible(mask, i, j))
+            .map(|j| row[j])
+            .fold(f32::NEG_INFINITY, f32::max),
+    };
     if max == f32::NEG_INFINITY {
         row.fill(0.0);
         return f32::NEG_INFINITY;
     }
-    let mut sum = 0.0f32;
-    for (j, x) in row.iter_mut().enumerate() {
-        *x = if visible(mask, i, j) {
-            (*x - max).exp()
-        } else {
-            0.0
-        };
-        sum += *x;
-    }
-    let inv = 1.0 / sum; // sum ≥ 1: the max term is exp(0)
+    let sum = simd::masked_exp_row(row, i, mask, max); // ≥ 1: the max term is exp(0)
+    let inv = (1.0 / sum) as f32;
     row[..=i].iter_mut().for_each(|x| *x *= inv);
-    max + sum.ln()
+    (max as f64 + sum.ln()) as f32
 }

@@ -3,6 +3,7 @@
 
 use super::check::expect_len;
 use super::par::CHUNK;
+use super::simd::simd_fn;
 use crate::backend::Result;
 use rayon::prelude::*;
 
@@ -30,11 +31,23 @@ pub fn scale(x: &mut [f32], s: f32) -> Result<()> {
 /// per-chunk sums are added in chunk order: the grouping depends only on the
 /// length, so the result is bitwise the same for any thread count.
 pub fn sum_squares(x: &[f32]) -> Result<f64> {
-    let partial: Vec<f64> = x
-        .par_chunks(CHUNK)
-        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
-        .collect();
+    let partial: Vec<f64> = x.par_chunks(CHUNK).map(sum_squares_chunk).collect();
     Ok(partial.iter().sum())
+}
+
+simd_fn! {
+    /// Σ v² over one chunk in f64, 8 lanes then the lanes and the tail (a fixed order).
+    fn sum_squares_chunk(c: &[f32]) -> f64 {
+        let mut acc = [0f64; 8];
+        let lanes = c.chunks_exact(8);
+        let tail: f64 = lanes.remainder().iter().map(|&v| (v as f64) * (v as f64)).sum();
+        for l in lanes {
+            for j in 0..8 {
+                acc[j] += (l[j] as f64) * (l[j] as f64);
+            }
+        }
+        tail + acc.iter().sum::<f64>()
+    }
 }
 
 /// References: plain loops in f64.

@@ -2,7 +2,9 @@
 //! Copies are plain memcpy/memset: memory-bound, so threads would not help.
 
 use super::check::expect_len;
+use super::par::CHUNK;
 use crate::backend::Result;
+use rayon::prelude::*;
 
 /// dst[i] = src[i].
 pub fn copy(dst: &mut [f32], src: &[f32]) -> Result<()> {
@@ -20,7 +22,8 @@ pub fn write(dst: &mut [f32], host: &[f32]) -> Result<()> {
 
 /// dst[i] = value.
 pub fn fill(dst: &mut [f32], value: f32) -> Result<()> {
-    dst.fill(value);
+    // Zeroing the gradient buffer of a large model is memory-bound: use every core.
+    dst.par_chunks_mut(CHUNK).for_each(|c| c.fill(value));
     Ok(())
 }
 

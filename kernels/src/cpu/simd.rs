@@ -51,7 +51,7 @@ pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const C1: f32 = 0.693_359_4; // ln2 split in two for an exact n·ln2
     const C2: f32 = -2.121_944_4e-4;
-    let xc = x.clamp(-87.0, 88.0);
+    let xc = x.max(-87.0).min(88.0);
     let n = (xc * LOG2E + 0.5).floor();
     let r = xc - n * C1 - n * C2;
     let mut p = 1.987_569_1e-4f32;
@@ -61,7 +61,11 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let e = p * r * r + r + 1.0;
-    let pow2n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // SAFETY: n is a whole number in [−126, 128] (x was clamped above), so the
+    // conversion is exact; the unchecked form (no NaN/saturation handling) is
+    // what lets LLVM vectorise it.
+    let ni: i32 = unsafe { n.to_int_unchecked() };
+    let pow2n = f32::from_bits(((ni + 127) as u32) << 23);
     let y = e * pow2n;
     if x < -87.3 {
         0.0
@@ -90,38 +94,43 @@ pub fn max(x: &[f32]) -> f32 {
     m
 }
 
-/// x ← e^(x − shift), returning Σ in f64 (fixed summation order).
+/// Σ x in f64, in a fixed order (8 lanes, then the lanes and the tail).
 #[inline(always)]
-pub fn exp_shift_sum(x: &mut [f32], shift: f32) -> f64 {
+pub fn sum_f64(x: &[f32]) -> f64 {
     let mut acc = [0f64; L];
-    let mut chunks = x.chunks_exact_mut(L);
-    for c in &mut chunks {
+    let chunks = x.chunks_exact(L);
+    let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+    for c in chunks {
         for j in 0..L {
-            c[j] = exp(c[j] - shift);
             acc[j] += c[j] as f64;
         }
     }
-    let mut sum = 0f64;
-    for v in chunks.into_remainder() {
+    tail + acc.iter().sum::<f64>()
+}
+
+/// x ← e^(x − shift), returning Σ in f64. Two simple passes, so that LLVM
+/// vectorises each (a fused loop with an f64 accumulator stays scalar).
+#[inline(always)]
+pub fn exp_shift_sum(x: &mut [f32], shift: f32) -> f64 {
+    for v in x.iter_mut() {
         *v = exp(*v - shift);
-        sum += *v as f64;
     }
-    sum + acc.iter().sum::<f64>()
+    sum_f64(x)
 }
 
 /// Σ e^(x − shift) in f64, leaving x as it is.
 #[inline(always)]
 pub fn sum_exp_shift(x: &[f32], shift: f32) -> f64 {
-    let mut acc = [0f64; L];
-    let chunks = x.chunks_exact(L);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for j in 0..L {
-            acc[j] += exp(c[j] - shift) as f64;
+    let mut buf = [0f32; 256];
+    let mut sum = 0f64;
+    for c in x.chunks(buf.len()) {
+        let b = &mut buf[..c.len()];
+        for (o, &v) in b.iter_mut().zip(c) {
+            *o = exp(v - shift);
         }
+        sum += sum_f64(b);
     }
-    let tail: f64 = rest.iter().map(|&v| exp(v - shift) as f64).sum();
-    tail + acc.iter().sum::<f64>()
+    sum
 }
 
 /// σ(g) = 1/(1+e^−g), exactly 0 or 1 at the extremes (no NaN).
@@ -139,12 +148,11 @@ simd_fn! {
         match mask {
             None => exp_shift_sum(seen, shift),
             Some(m) => {
-                let mut sum = 0f64;
                 for (x, &keep) in seen.iter_mut().zip(&m[..=i]) {
-                    *x = if keep != 0 { exp(*x - shift) } else { 0.0 };
-                    sum += *x as f64;
+                    let e = exp(*x - shift);
+                    *x = if keep != 0 { e } else { 0.0 };
                 }
-                sum
+                sum_f64(seen)
             }
         }
     }

@@ -220,3 +220,26 @@ fn gradient_checkpointing_gives_bitwise_identical_gradients() {
     assert!(all[0].iter().flatten().any(|&g| g != 0.0));
     assert_eq!(all[0], all[1]);
 }
+
+#[test]
+fn merged_lora_model_dir_gives_the_adapters_logits() {
+    // save_full_model in LoRA mode folds s·B·A into each weight (PEFT's
+    // merge_and_unload); the merged dir, loaded as a plain model, must give the
+    // logits of base + adapter (which match PEFT's, above).
+    let dir = fixture("llama_gqa");
+    let lora = read_adapter_config(&dir.join("adapter_mts")).unwrap();
+    let mut m = load_model(Cpu, &dir.join("model"), TrainMode::Lora(lora), 0).unwrap();
+    m.load_adapter(&dir.join("adapter_mts")).unwrap();
+    let b = batch("llama_gqa");
+    let (_, with_adapter) = m.forward(&b, true).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    m.save_full_model(out.path(), rlhf_worker::model::weights::SaveDtype::F32)
+        .unwrap();
+    let mut merged = load_model(Cpu, out.path(), TrainMode::Full, 0).unwrap();
+    let (_, logits) = merged.forward(&b, true).unwrap();
+    let exp = expected("llama_gqa", "expected_lora_mts.safetensors");
+    let e = rel_err(&logits.unwrap(), &read(&exp, "logits"));
+    assert!(e < 1e-4, "merged logits rel err vs PEFT {e:e}");
+    let e2 = rel_err(&with_adapter.unwrap(), &read(&exp, "logits"));
+    assert!(e2 < 1e-4);
+}

@@ -189,6 +189,15 @@ impl<B: Backend> Llama<B> {
         })
     }
 
+    /// The flat buffer (frozen or trainable) that holds `slot`.
+    pub fn weights_of(&self, slot: Slot) -> &B::Buf {
+        if slot.trainable {
+            &self.train
+        } else {
+            &self.frozen
+        }
+    }
+
     fn lora_scaling(&self) -> f32 {
         match &self.mode {
             TrainMode::Lora(l) => l.scaling(),

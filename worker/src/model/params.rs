@@ -331,6 +331,14 @@ impl Layout {
         }
     }
 
+    /// The tensor called `name`.
+    pub fn find(&self, name: &str) -> Result<&TensorEntry> {
+        self.tensors
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| anyhow::anyhow!("no tensor {name:?} in the model"))
+    }
+
     /// Whether weight decay applies (HF Trainer: not to biases and norm weights).
     pub fn decays(name: &str) -> bool {
         !(name.ends_with(".bias") || name.contains("norm"))

@@ -100,12 +100,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
 impl<B: Backend> Llama<B> {
     /// Overwrite one tensor of the layout with host data.
     pub fn set_tensor(&mut self, name: &str, data: &[f32]) -> Result<()> {
-        let e = self
-            .layout
-            .tensors
-            .iter()
-            .find(|e| e.name == name)
-            .with_context(|| format!("no tensor {name:?} in the model"))?;
+        let e = self.layout.find(name)?;
         if data.len() != e.slot.len {
             bail!(
                 "tensor {name:?}: {} values for shape {:?}",
@@ -124,28 +119,15 @@ impl<B: Backend> Llama<B> {
 
     /// Read one tensor of the layout to the host.
     pub fn get_tensor(&self, name: &str) -> Result<Vec<f32>> {
-        let e = self
-            .layout
-            .tensors
-            .iter()
-            .find(|e| e.name == name)
-            .with_context(|| format!("no tensor {name:?} in the model"))?;
-        let buf = if e.slot.trainable {
-            &self.train
-        } else {
-            &self.frozen
-        };
-        Ok(self.be.download(self.be.view(buf, e.slot.range()))?)
+        let e = self.layout.find(name)?;
+        Ok(self
+            .be
+            .download(self.be.view(self.weights_of(e.slot), e.slot.range()))?)
     }
 
     /// The gradient of a trainable tensor, to the host.
     pub fn get_grad(&self, name: &str) -> Result<Vec<f32>> {
-        let e = self
-            .layout
-            .tensors
-            .iter()
-            .find(|e| e.name == name)
-            .with_context(|| format!("no tensor {name:?} in the model"))?;
+        let e = self.layout.find(name)?;
         if !e.slot.trainable {
             bail!("tensor {name:?} is frozen: it has no gradient");
         }
@@ -275,11 +257,7 @@ impl<B: Backend> Llama<B> {
             .iter()
             .filter(|e| e.kind == TensorKind::Base)
         {
-            let buf = if e.slot.trainable {
-                &self.train
-            } else {
-                &self.frozen
-            };
+            let buf = self.weights_of(e.slot);
             tensors.push((
                 e.name.clone(),
                 e.shape.clone(),

@@ -7,8 +7,10 @@
 //! [`Gemm::alpha`] is therefore the crate's `beta`, and the crate's `alpha` is 1.
 
 use super::check::{expect_len, product};
+use super::par::SyncPtr;
 use crate::backend::{Gemm, Result};
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 /// A strided read-only matrix operand: element (i, j) lives at `ptr + i·rs + j·cs`.
 #[derive(Clone, Copy)]
@@ -84,6 +86,25 @@ pub(crate) unsafe fn gemm_strided(
     }
 }
 
+/// Products with a dimension this small (LoRA ranks) are split by hand.
+const THIN: usize = 16;
+/// ... when they are big enough that two threads pay off (multiply-adds).
+const SPLIT_MIN_WORK: usize = 1 << 20;
+
+/// A read-only pointer shared by rayon tasks that only read through it.
+#[derive(Clone, Copy)]
+struct SyncConst(*const f32);
+impl SyncConst {
+    /// A method, so closures capture the `Sync` wrapper, not the bare pointer.
+    fn get(self) -> *const f32 {
+        self.0
+    }
+}
+// SAFETY: only ever read through, by tasks that the caller's borrow outlives.
+unsafe impl Send for SyncConst {}
+// SAFETY: as for Send.
+unsafe impl Sync for SyncConst {}
+
 /// out[m,n] (=|+=) alpha · op(a)[m,k] · op(b)[k,n], on the whole rayon pool.
 pub fn gemm(out: &mut [f32], a: &[f32], b: &[f32], g: Gemm) -> Result<()> {
     const OP: &str = "gemm";
@@ -110,6 +131,84 @@ pub fn gemm(out: &mut [f32], a: &[f32], b: &[f32], g: Gemm) -> Result<()> {
     } else {
         Mat::rows(b.as_ptr(), n)
     };
+    let dst = MatMut::rows(out.as_mut_ptr(), n);
+    let threads = rayon::current_num_threads();
+    if m.min(n).min(k) <= THIN && m * n * k >= SPLIT_MIN_WORK && threads > 1 {
+        // A LoRA factor product (rank ≤ 16): gemm's own threading splits these
+        // badly. Cut the long side of the output into one contiguous part per
+        // thread and run each part single-threaded; every output element is
+        // still computed by the same sequence of operations, so the result is
+        // identical to the unsplit product.
+        let split_rows = m >= n;
+        let len = if split_rows { m } else { n };
+        let part = len.div_ceil(threads);
+        let (lp, rp, dp) = (
+            SyncConst(lhs.ptr),
+            SyncConst(rhs.ptr),
+            SyncPtr::from_raw(dst.ptr),
+        );
+        // Strides only: the closure must not capture the raw pointers themselves.
+        let ((lrs, lcs), (rrs, rcs), (drs, dcs)) =
+            ((lhs.rs, lhs.cs), (rhs.rs, rhs.cs), (dst.rs, dst.cs));
+        (0..len.div_ceil(part)).into_par_iter().for_each(|t| {
+            let (s0, s1) = (t * part, ((t + 1) * part).min(len));
+            // SAFETY: as below for the whole product; part t reads rows [s0,s1) of
+            // op(a) (or columns of op(b)) and writes only rows (or columns) [s0,s1)
+            // of out, disjoint from every other part's.
+            unsafe {
+                if split_rows {
+                    gemm_strided(
+                        s1 - s0,
+                        n,
+                        k,
+                        MatMut {
+                            ptr: dp.get().offset(s0 as isize * drs),
+                            rs: drs,
+                            cs: dcs,
+                        },
+                        accumulate,
+                        Mat {
+                            ptr: lp.get().offset(s0 as isize * lrs),
+                            rs: lrs,
+                            cs: lcs,
+                        },
+                        Mat {
+                            ptr: rp.get(),
+                            rs: rrs,
+                            cs: rcs,
+                        },
+                        alpha,
+                        Parallelism::None,
+                    );
+                } else {
+                    gemm_strided(
+                        m,
+                        s1 - s0,
+                        k,
+                        MatMut {
+                            ptr: dp.get().offset(s0 as isize * dcs),
+                            rs: drs,
+                            cs: dcs,
+                        },
+                        accumulate,
+                        Mat {
+                            ptr: lp.get(),
+                            rs: lrs,
+                            cs: lcs,
+                        },
+                        Mat {
+                            ptr: rp.get().offset(s0 as isize * rcs),
+                            rs: rrs,
+                            cs: rcs,
+                        },
+                        alpha,
+                        Parallelism::None,
+                    );
+                }
+            }
+        });
+        return Ok(());
+    }
     // SAFETY: the lengths were checked above, so with these strides every index
     // (i<m, j<k) of lhs, (i<k, j<n) of rhs and (i<m, j<n) of out is in bounds;
     // `out` is a unique borrow, so it overlaps neither input.
@@ -118,7 +217,7 @@ pub fn gemm(out: &mut [f32], a: &[f32], b: &[f32], g: Gemm) -> Result<()> {
             m,
             n,
             k,
-            MatMut::rows(out.as_mut_ptr(), n),
+            dst,
             accumulate,
             lhs,
             rhs,
@@ -165,6 +264,58 @@ mod tests {
     use crate::KernelError;
 
     #[test]
+    fn thin_products_split_across_threads_equal_the_unsplit_product_bitwise() {
+        let mut r = rng(11);
+        for (m, n, k) in [(1000, 8, 300), (8, 700, 1000), (513, 333, 8)] {
+            for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+                let g = Gemm {
+                    m,
+                    n,
+                    k,
+                    trans_a,
+                    trans_b,
+                    alpha: 0.25,
+                    accumulate: true,
+                };
+                let (a, b) = (uniform(&mut r, m * k), uniform(&mut r, k * n));
+                let start = uniform(&mut r, m * n);
+                let mut split = start.clone();
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(3)
+                    .build()
+                    .unwrap();
+                pool.install(|| gemm(&mut split, &a, &b, g)).unwrap();
+                let mut whole = start.clone();
+                let lhs = if trans_a {
+                    Mat::transposed(a.as_ptr(), m)
+                } else {
+                    Mat::rows(a.as_ptr(), k)
+                };
+                let rhs = if trans_b {
+                    Mat::transposed(b.as_ptr(), k)
+                } else {
+                    Mat::rows(b.as_ptr(), n)
+                };
+                // SAFETY: lengths match the shape, as in `gemm`.
+                unsafe {
+                    gemm_strided(
+                        m,
+                        n,
+                        k,
+                        MatMut::rows(whole.as_mut_ptr(), n),
+                        true,
+                        lhs,
+                        rhs,
+                        0.25,
+                        Parallelism::None,
+                    );
+                }
+                assert_eq!(split, whole, "{m}x{n}x{k} {trans_a} {trans_b}");
+            }
+        }
+    }
+
+    #[test]
     fn matches_naive_for_all_transposes() {
         let mut r = rng(10);
         let shapes = [
@@ -174,6 +325,10 @@ mod tests {
             (64, 65, 66),
             (2, 130, 31),
             (5, 4, 0),
+            // thin (LoRA-like) products, split by hand across threads
+            (2000, 8, 70),
+            (8, 1500, 300),
+            (3000, 70, 8),
         ];
         for (m, n, k) in shapes {
             for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {

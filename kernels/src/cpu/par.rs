@@ -27,6 +27,10 @@ unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
 impl SyncPtr {
+    pub(crate) fn from_raw(ptr: *mut f32) -> Self {
+        SyncPtr(ptr)
+    }
+
     pub(crate) fn new(slice: &mut [f32]) -> Self {
         SyncPtr(slice.as_mut_ptr())
     }

@@ -282,8 +282,8 @@ pub struct AdamW {
 }
 
 /// The dropout mask: whether element `i` is kept under seed `seed` with drop
-/// probability `p`: a keyed 32-bit hash of `i` (two rounds of Wellons'
-/// lowbias32, keyed by the two halves of the seed) compared with p·2³². Every
+/// probability `p`: a keyed 32-bit hash of `i` (Wellons' lowbias32 of i times
+/// an odd key, xor a second key; the keys are the seed's halves) compared with p·2³². Every
 /// backend and every recomputation draws the identical mask without storing
 /// it, and 32-bit integer math vectorises on CPUs and is native on GPUs.
 #[inline(always)]
@@ -308,6 +308,9 @@ pub fn dropout_bits(seed: u64, i: u64) -> u32 {
         x = x.wrapping_mul(0x846c_a68b);
         x ^ (x >> 16)
     }
+    // Keyed by both halves of the seed: an odd multiplier (a different
+    // permutation of positions per seed) and an xor, then one mixing round.
     let idx = (i as u32) ^ ((i >> 32) as u32).wrapping_mul(0x9E37_79B9);
-    lowbias32(lowbias32(idx ^ seed as u32) ^ (seed >> 32) as u32)
+    let mul = ((seed >> 32) as u32) | 1;
+    lowbias32(idx.wrapping_mul(mul) ^ seed as u32)
 }

@@ -89,6 +89,46 @@ pub mod naive {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masks_keep_1_minus_p_and_are_independent_across_seeds() {
+        use crate::backend::dropout_keep;
+        let n = 200_000u64;
+        let p = 0.3f32;
+        // Seeds as the model derives them: neighbouring steps and modules.
+        let seeds = [
+            1u64,
+            2,
+            3,
+            0xD6E8_FEB8_6659_FD93,
+            0xD6E8_FEB8_6659_FD93 ^ 1,
+            42 << 32,
+            (42 << 32) + 1,
+        ];
+        for &s in &seeds {
+            let kept = (0..n).filter(|&i| dropout_keep(s, i, p)).count() as f64 / n as f64;
+            assert!((kept - 0.7).abs() < 0.005, "seed {s:#x}: kept {kept}");
+        }
+        // Two independent masks agree on p² + (1−p)² = 0.58 of the positions.
+        for (a, &s1) in seeds.iter().enumerate() {
+            for &s2 in &seeds[a + 1..] {
+                let same = (0..n)
+                    .filter(|&i| dropout_keep(s1, i, p) == dropout_keep(s2, i, p))
+                    .count() as f64
+                    / n as f64;
+                assert!(
+                    (same - 0.58).abs() < 0.006,
+                    "seeds {s1:#x} {s2:#x}: agree on {same}"
+                );
+            }
+        }
+        // Neighbouring elements are not correlated either.
+        let both = (0..n)
+            .filter(|&i| dropout_keep(5, i, p) && dropout_keep(5, i + 1, p))
+            .count() as f64
+            / n as f64;
+        assert!((both - 0.49).abs() < 0.006, "adjacent kept together {both}");
+    }
     use crate::cpu::testutil::{assert_close, dot, fd_grad, plus, rng, to64, uniform};
     use crate::KernelError;
 

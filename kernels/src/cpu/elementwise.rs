@@ -3,7 +3,7 @@
 
 use super::check::expect_len;
 use super::par::CHUNK;
-use super::simd::simd_fn;
+use super::simd::{self, simd_fn};
 use crate::backend::Result;
 use rayon::prelude::*;
 
@@ -36,17 +36,9 @@ pub fn sum_squares(x: &[f32]) -> Result<f64> {
 }
 
 simd_fn! {
-    /// Σ v² over one chunk in f64, 8 lanes then the lanes and the tail (a fixed order).
+    /// Σ v² over one chunk in f64, in a fixed order.
     fn sum_squares_chunk(c: &[f32]) -> f64 {
-        let mut acc = [0f64; 8];
-        let lanes = c.chunks_exact(8);
-        let tail: f64 = lanes.remainder().iter().map(|&v| (v as f64) * (v as f64)).sum();
-        for l in lanes {
-            for j in 0..8 {
-                acc[j] += (l[j] as f64) * (l[j] as f64);
-            }
-        }
-        tail + acc.iter().sum::<f64>()
+        simd::sum_squares_f64(c)
     }
 }
 

@@ -7,11 +7,54 @@
 
 use super::check::{expect_len, rows_of};
 use super::par::rows_per_task;
+use super::simd::{self, simd_fn};
 use crate::backend::Result;
 use rayon::prelude::*;
 
 /// Columns per task for the dw reduction (see `bias::bias_backward`).
 const COLS_PER_TASK: usize = 64;
+
+simd_fn! {
+    /// Rows of one task: out = x·rstd·w; the mean of squares in f64 (rows are thousands wide).
+    fn forward_rows(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], c: usize, eps: f32) {
+        for ((out, r), x) in out.chunks_exact_mut(c).zip(rstd).zip(x.chunks_exact(c)) {
+            let ms = simd::sum_squares_f64(x) / c as f64;
+            *r = (1.0 / (ms + eps as f64).sqrt()) as f32;
+            for ((o, &xv), &wv) in out.iter_mut().zip(x).zip(w) {
+                *o = xv * *r * wv;
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// Rows of one task: dx += r·w·g − x·r³·mean(x·w·g).
+    fn backward_rows(dx: &mut [f32], g: &[f32], x: &[f32], rstd: &[f32], w: &[f32], c: usize) {
+        for (((dx, g), x), &r) in dx.chunks_exact_mut(c).zip(g.chunks_exact(c)).zip(x.chunks_exact(c)).zip(rstd) {
+            let mean_xwg = simd::dot3_f64(x, w, g) / c as f64;
+            let k = ((r as f64).powi(3) * mean_xwg) as f32; // r³·mean(x·w·g)
+            for (((d, &x), &w), &g) in dx.iter_mut().zip(x).zip(w).zip(g) {
+                *d += r * w * g - x * k;
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// dw for the columns [c0, c0 + dw.len()): every row summed in order, in f64.
+    fn dw_block(dw: &mut [f32], dout: &[f32], x: &[f32], rstd: &[f32], c: usize, c0: usize) {
+        let mut acc = [0.0f64; COLS_PER_TASK]; // [cols of this block]
+        for (row, &r) in rstd.iter().enumerate() {
+            let span = row * c + c0..row * c + c0 + dw.len();
+            for ((a, &g), &x) in acc.iter_mut().zip(&dout[span.clone()]).zip(&x[span]) {
+                *a += (g * x * r) as f64;
+            }
+        }
+        for (d, a) in dw.iter_mut().zip(acc) {
+            *d += a as f32;
+        }
+    }
+}
 
 /// out[N,C], rstd[N]; x[N,C], w[C].
 pub fn forward(
@@ -31,16 +74,7 @@ pub fn forward(
     out.par_chunks_mut(per_task * c)
         .zip(rstd.par_chunks_mut(per_task))
         .zip(x.par_chunks(per_task * c))
-        .for_each(|((out, rstd), x)| {
-            for ((out, r), x) in out.chunks_exact_mut(c).zip(rstd).zip(x.chunks_exact(c)) {
-                // mean of squares in f64: rows are thousands wide.
-                let ms = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / c as f64;
-                *r = (1.0 / (ms + eps as f64).sqrt()) as f32;
-                for ((o, &xv), &wv) in out.iter_mut().zip(x).zip(w) {
-                    *o = xv * *r * wv;
-                }
-            }
-        });
+        .for_each(|((out, rstd), x)| forward_rows(out, rstd, x, w, c, eps));
     Ok(())
 }
 
@@ -69,45 +103,13 @@ pub fn backward(
         .zip(dout.par_chunks(per_task * c))
         .zip(x.par_chunks(per_task * c))
         .zip(rstd.par_chunks(per_task))
-        .for_each(|(((dx, g), x), rstd)| {
-            for (((dx, g), x), &r) in dx
-                .chunks_exact_mut(c)
-                .zip(g.chunks_exact(c))
-                .zip(x.chunks_exact(c))
-                .zip(rstd)
-            {
-                let mean_xwg = x
-                    .iter()
-                    .zip(w)
-                    .zip(g)
-                    .map(|((&x, &w), &g)| (x * w * g) as f64)
-                    .sum::<f64>()
-                    / c as f64;
-                let k = (r as f64).powi(3) * mean_xwg; // r³·mean(x·w·g)
-                let k = k as f32;
-                for (((d, &x), &w), &g) in dx.iter_mut().zip(x).zip(w).zip(g) {
-                    *d += r * w * g - x * k;
-                }
-            }
-        });
+        .for_each(|(((dx, g), x), rstd)| backward_rows(dx, g, x, rstd, w, c));
 
     // dw: each task owns a block of columns and sums every row in order.
     if let Some(dw) = dw {
         dw.par_chunks_mut(COLS_PER_TASK)
             .enumerate()
-            .for_each(|(blk, dw)| {
-                let c0 = blk * COLS_PER_TASK;
-                let mut acc = [0.0f64; COLS_PER_TASK]; // [cols of this block]
-                for (row, &r) in rstd.iter().enumerate() {
-                    let span = row * c + c0..row * c + c0 + dw.len();
-                    for ((a, &g), &x) in acc.iter_mut().zip(&dout[span.clone()]).zip(&x[span]) {
-                        *a += (g * x * r) as f64;
-                    }
-                }
-                for (d, a) in dw.iter_mut().zip(acc) {
-                    *d += a as f32;
-                }
-            });
+            .for_each(|(blk, dw)| dw_block(dw, dout, x, rstd, c, blk * COLS_PER_TASK));
     }
     Ok(())
 }

@@ -108,6 +108,40 @@ pub fn sum_f64(x: &[f32]) -> f64 {
     tail + acc.iter().sum::<f64>()
 }
 
+/// Σ x² in f64, in a fixed order (8 lanes, then the lanes and the tail).
+#[inline(always)]
+pub fn sum_squares_f64(x: &[f32]) -> f64 {
+    let mut acc = [0f64; L];
+    let chunks = x.chunks_exact(L);
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum();
+    for c in chunks {
+        for j in 0..L {
+            acc[j] += (c[j] as f64) * (c[j] as f64);
+        }
+    }
+    tail + acc.iter().sum::<f64>()
+}
+
+/// Σ a·b·c (products in f32, sum in f64), in a fixed order.
+#[inline(always)]
+pub fn dot3_f64(a: &[f32], b: &[f32], c: &[f32]) -> f64 {
+    let n = a.len().min(b.len()).min(c.len());
+    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+    let mut acc = [0f64; L];
+    let whole = n / L * L;
+    for i in (0..whole).step_by(L) {
+        for j in 0..L {
+            acc[j] += (a[i + j] * b[i + j] * c[i + j]) as f64;
+        }
+    }
+    let tail: f64 = (whole..n).map(|i| (a[i] * b[i] * c[i]) as f64).sum();
+    tail + acc.iter().sum::<f64>()
+}
+
 /// x ← e^(x − shift), returning Σ in f64. Two simple passes, so that LLVM
 /// vectorises each (a fused loop with an f64 accumulator stays scalar).
 #[inline(always)]

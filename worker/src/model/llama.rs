@@ -198,17 +198,21 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    fn lora_scaling(&self) -> f32 {
+    /// The LoRA settings of one pass; dropout only when training with a seed.
+    fn lora_run(&self, dropout_seed: Option<u64>) -> LoraRun {
         match &self.mode {
-            TrainMode::Lora(l) => l.scaling(),
-            TrainMode::Full => 0.0,
-        }
-    }
-
-    fn lora_rank(&self) -> usize {
-        match &self.mode {
-            TrainMode::Lora(l) => l.r,
-            TrainMode::Full => 0,
+            TrainMode::Lora(l) => LoraRun {
+                scaling: l.scaling(),
+                r: l.r,
+                dropout: dropout_seed
+                    .filter(|_| l.dropout > 0.0)
+                    .map(|s| (l.dropout, s)),
+            },
+            TrainMode::Full => LoraRun {
+                scaling: 0.0,
+                r: 0,
+                dropout: None,
+            },
         }
     }
 
@@ -233,7 +237,7 @@ impl<B: Backend> Llama<B> {
         let n = b * t;
         let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (qd, kvd, nh) = (cfg.q_dim(), cfg.kv_dim(), cfg.num_attention_heads);
-        let r = self.lora_rank();
+        let r = self.lora_run(None).r;
         let nblocks = if self.gradient_checkpointing {
             1
         } else {
@@ -387,17 +391,8 @@ impl<B: Backend> Llama<B> {
         Ok(self.be.fill(self.be.view_mut(&mut self.grads, 0..n), 0.0)?)
     }
 
-    fn lora_dropout(&self, seed: Option<u64>) -> Option<(f32, u64)> {
-        match (&self.mode, seed) {
-            (TrainMode::Lora(l), Some(s)) if l.dropout > 0.0 => Some((l.dropout, s)),
-            _ => None,
-        }
-    }
-
     fn run_forward(&mut self, batch: &Batch, dropout_seed: Option<u64>) -> Result<()> {
-        let dropout = self.lora_dropout(dropout_seed);
-        let scaling = self.lora_scaling();
-        let r = self.lora_rank();
+        let lora = self.lora_run(dropout_seed);
         let Llama {
             cfg,
             be,
@@ -432,9 +427,7 @@ impl<B: Backend> Llama<B> {
             positions: &positions,
             rope_cos,
             rope_sin,
-            scaling,
-            r,
-            dropout,
+            lora,
         };
         for l in 0..cfg.num_hidden_layers {
             let ba = if *gradient_checkpointing {
@@ -486,9 +479,7 @@ impl<B: Backend> Llama<B> {
     }
 
     fn run_backward(&mut self, batch: &Batch, dropout_seed: Option<u64>) -> Result<()> {
-        let dropout = self.lora_dropout(dropout_seed);
-        let scaling = self.lora_scaling();
-        let r = self.lora_rank();
+        let lora = self.lora_run(dropout_seed);
         let Llama {
             cfg,
             be,
@@ -560,9 +551,7 @@ impl<B: Backend> Llama<B> {
             positions: &positions,
             rope_cos,
             rope_sin,
-            scaling,
-            r,
-            dropout,
+            lora,
         };
         for l in (0..nl).rev() {
             let bi = if *gradient_checkpointing { 0 } else { l };
@@ -601,6 +590,13 @@ struct FwdCtx<'a, B: Backend> {
     positions: &'a [u32],
     rope_cos: &'a B::Buf,
     rope_sin: &'a B::Buf,
+    lora: LoraRun,
+}
+
+/// LoRA settings of one forward/backward: scaling alpha/r, rank, and
+/// (p, seed) when dropout is on.
+#[derive(Clone, Copy, Debug)]
+struct LoraRun {
     scaling: f32,
     r: usize,
     dropout: Option<(f32, u64)>,
@@ -633,7 +629,7 @@ impl<B: Backend> FwdCtx<'_, B> {
     ) -> Result<B::View<'b>> {
         let be = self.be;
         let len = self.n() * n_in;
-        Ok(match self.dropout {
+        Ok(match self.lora.dropout {
             Some((p, _)) => {
                 be.dropout_forward(be.view_mut(scratch, 0..len), all(be, x), p, seed)?;
                 be.view(scratch, 0..len)
@@ -674,16 +670,16 @@ impl<B: Backend> FwdCtx<'_, B> {
                 all_mut(be, xa),
                 src,
                 self.w.get(a),
-                Gemm::linear(n, self.r, lin.n_in),
+                Gemm::linear(n, self.lora.r, lin.n_in),
             )?;
             be.gemm(
                 all_mut(be, y),
                 all(be, xa),
                 self.w.get(b),
                 Gemm {
-                    alpha: self.scaling,
+                    alpha: self.lora.scaling,
                     accumulate: true,
-                    ..Gemm::linear(n, lin.n_out, self.r)
+                    ..Gemm::linear(n, lin.n_out, self.lora.r)
                 },
             )?;
         }
@@ -741,8 +737,8 @@ impl<B: Backend> FwdCtx<'_, B> {
             be.bias_backward(db, all(be, dy), no)?;
         }
         if let (Some((a, b)), Some(xa)) = (lin.lora, xa) {
-            let r = self.r;
-            let s = self.scaling;
+            let r = self.lora.r;
+            let s = self.lora.scaling;
             // dB[out,r] += s · dyᵀ · xa
             if let Some(db) = grad(be, grads, b) {
                 be.gemm(
@@ -804,7 +800,7 @@ impl<B: Backend> FwdCtx<'_, B> {
                 alpha: 1.0,
                 accumulate: false,
             };
-            match self.dropout {
+            match self.lora.dropout {
                 Some((p, _)) => {
                     be.gemm(
                         be.view_mut(lora_x, 0..n * ni),
@@ -831,7 +827,7 @@ impl<B: Backend> FwdCtx<'_, B> {
     }
 
     fn seed(&self, layer: usize, module: usize) -> u64 {
-        module_seed(self.dropout.map(|d| d.1).unwrap_or(0), layer, module)
+        module_seed(self.lora.dropout.map(|d| d.1).unwrap_or(0), layer, module)
     }
 
     fn block_forward(

@@ -82,7 +82,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         r.summary.global_step, r.summary.tokens_per_sec
     );
     println!("  model: {}   output: {}", base.display(), out.display());
-    if !(after < before) {
+    // Written so that a NaN perplexity also fails.
+    if after.partial_cmp(&before) != Some(std::cmp::Ordering::Less) {
         anyhow::bail!("held-out perplexity did not fall ({before} -> {after})");
     }
     Ok(())

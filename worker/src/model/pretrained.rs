@@ -3,7 +3,7 @@
 use super::config::ModelConfig;
 use super::llama::Llama;
 use super::params::{LoraConfig, TensorKind, TrainMode};
-use super::weights::{save_tensors, SaveDtype, TensorFiles};
+use super::weights::{save_tensors, NamedTensor, SaveDtype, TensorFiles};
 use crate::fsutil::write_json_atomic;
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
@@ -142,7 +142,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Trainable tensors with their on-disk names (PEFT names in LoRA mode, HF names in full mode).
-    pub fn trainable_tensors(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn trainable_tensors(&self) -> Result<Vec<NamedTensor>> {
         let full = matches!(self.mode, TrainMode::Full);
         let mut out = Vec::new();
         for e in self.layout.tensors.iter().filter(|e| e.slot.trainable) {

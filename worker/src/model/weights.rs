@@ -176,6 +176,9 @@ fn decode_f32(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
     })
 }
 
+/// A named tensor on the host: (name, shape, f32 data).
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// The on-disk dtype of tensors we write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SaveDtype {
@@ -206,7 +209,7 @@ impl SaveDtype {
 /// Write named f32 tensors to one safetensors file, atomically.
 pub fn save_tensors(
     path: &Path,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    tensors: &[NamedTensor],
     dtype: SaveDtype,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {

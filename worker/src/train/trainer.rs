@@ -46,7 +46,7 @@ pub fn collate(samples: &[&Sample], pad_id: u32) -> Batch {
         labels[i * t..i * t + n].copy_from_slice(&s.labels);
         mask[i * t..i * t + n].fill(1);
     }
-    let padded = mask.iter().any(|&m| m == 0);
+    let padded = mask.contains(&0);
     Batch {
         b,
         t,

@@ -2,7 +2,7 @@
 //! tokenized and packed exactly as `rlhf pt` does, as one JSON object.
 
 use super::args::parse_bool;
-use crate::data::pretrain::{pt_blocks_from_tokens, read_data_file, PtDataArgs};
+use crate::data::pretrain::{build_pt_blocks, read_text_dir, PtDataArgs};
 use crate::model::pretrained::{load_model, read_adapter_config};
 use crate::model::TrainMode;
 use crate::tokenizer::Tokenizer;
@@ -41,35 +41,19 @@ pub fn run(args: &EvalArgs) -> Result<Value> {
         .clone()
         .unwrap_or_else(|| args.model_name_or_path.clone());
     let tokenizer = Tokenizer::load(&tok_dir)?;
-    let docs = if args.validation_file.is_dir() {
-        crate::data::pretrain::read_text_dir(&args.validation_file, args.keep_linebreaks)?
-    } else {
-        read_data_file(&args.validation_file, args.keep_linebreaks)?
-    };
-    let texts: Vec<String> = docs.iter().map(|d| d.text.clone()).collect();
-    let tokens = tokenizer
-        .encode_batch(&texts, true)
-        .with_context(|| format!("tokenizing {}", args.validation_file.display()))?;
-    let eos = tokenizer
-        .eos_id()
-        .or(tokenizer.pad_id())
-        .context("the tokenizer has neither eos_token nor pad_token")?;
-    let mut block_size = args.block_size;
-    if let Some(max) = tokenizer.model_max_length().filter(|&m| m < block_size) {
-        block_size = max;
-    }
+    // read_text_dir takes a folder or a single file.
+    let docs = read_text_dir(&args.validation_file, args.keep_linebreaks)?;
+    // Tokenized and packed exactly as `rlhf pt` does, every document kept
+    // (none split off for validation); max_eval_samples caps the blocks.
     let data_args = PtDataArgs {
-        block_size,
+        block_size: args.block_size,
         validation_split_percentage: 0,
-        max_train_samples: None,
+        max_train_samples: args.max_eval_samples,
         max_eval_samples: None,
     };
-    // Everything is "train" here: all documents are packed, none split off.
-    let mut blocks =
-        pt_blocks_from_tokens(tokens, Some(Vec::new()), eos, block_size, &data_args)?.train;
-    if let Some(n) = args.max_eval_samples.filter(|&n| n > 0) {
-        blocks.truncate(n);
-    }
+    let packed = build_pt_blocks(&tokenizer, &docs, Some(&[]), &data_args)
+        .with_context(|| format!("preparing {}", args.validation_file.display()))?;
+    let (blocks, block_size) = (packed.train, packed.block_size);
     let samples: Vec<Sample> = blocks.into_iter().map(Sample::causal).collect();
     let mode = match &args.peft_path {
         Some(p) => TrainMode::Lora(read_adapter_config(p)?),
@@ -79,7 +63,8 @@ pub fn run(args: &EvalArgs) -> Result<Value> {
     if let Some(p) = &args.peft_path {
         model.load_adapter(p)?;
     }
-    let pad = tokenizer.pad_id().unwrap_or(eos);
+    // The same padding id `rlhf pt` uses (only a short last block is ever padded).
+    let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
     let r = evaluate(&mut model, &samples, args.per_device_eval_batch_size, pad)?;
     Ok(json!({
         "loss": r.loss,

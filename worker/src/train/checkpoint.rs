@@ -32,8 +32,8 @@ pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
 pub fn save(
     output_dir: &Path,
     state: &TrainerState,
-    m: &[f32],
-    v: &[f32],
+    m: Vec<f32>, // [train_len], taken by value: no second copy of the optimizer state
+    v: Vec<f32>,
     write_weights: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let final_dir = checkpoint_dir(output_dir, state.global_step);
@@ -47,8 +47,8 @@ pub fn save(
     save_tensors(
         &tmp.join(OPTIMIZER_FILE),
         &[
-            ("exp_avg".into(), vec![m.len()], m.to_vec()),
-            ("exp_avg_sq".into(), vec![v.len()], v.to_vec()),
+            ("exp_avg".into(), vec![m.len()], m),
+            ("exp_avg_sq".into(), vec![v.len()], v),
         ],
         SaveDtype::F32,
         None,
@@ -146,10 +146,16 @@ mod tests {
                 seed: 1,
                 train_len: 3,
             };
-            save(dir.path(), &st, &[1.0, 2.0, 3.0], &[4.0, 5.0, 6.0], |d| {
-                std::fs::write(d.join("w"), b"x")?;
-                Ok(())
-            })
+            save(
+                dir.path(),
+                &st,
+                vec![1.0, 2.0, 3.0],
+                vec![4.0, 5.0, 6.0],
+                |d| {
+                    std::fs::write(d.join("w"), b"x")?;
+                    Ok(())
+                },
+            )
             .unwrap();
         }
         assert_eq!(

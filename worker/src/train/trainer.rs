@@ -355,8 +355,7 @@ pub fn train<B: Backend>(
                     .be
                     .download(model.be.view(&opt.v, 0..state.train_len))?,
             );
-            let dir =
-                checkpoint::save(&args.output_dir, &state, &m, &v, |d| save_weights(model, d))?;
+            let dir = checkpoint::save(&args.output_dir, &state, m, v, |d| save_weights(model, d))?;
             tracing::info!(checkpoint = %dir.display(), "saved");
             if let Some(limit) = args.save_total_limit {
                 checkpoint::prune(&args.output_dir, limit)?;

@@ -1,4 +1,7 @@
-//! gRPC messages and services shared by the coordinator and the workers.
+//! gRPC messages and services shared by the coordinator and the workers, and
+//! the security every call goes through (token, TLS, message bounds).
+
+pub mod auth;
 
 #[allow(clippy::all)]
 pub mod v1 {

@@ -230,6 +230,7 @@ fn batches(s: &Setup, n: usize, seed: u64) -> Vec<Batch> {
                 labels: ids.iter().map(|&i| i as i32).collect(),
                 input_ids: ids,
                 attention_mask: None,
+                sample_keys: (0..s.b as u64).collect(),
             }
         })
         .collect()

@@ -5,8 +5,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use rlhf_worker::demo::DemoDomain;
-use rlhf_worker::init_model::{init_model, InitModelArgs};
+use rlhf_worker::demo::write_demo_assets;
 use rlhf_worker::stages::pt::{PtArgs, PtDataFlags};
 use rlhf_worker::stages::{args::ModelArgs, args::TrainingArgs};
 use std::path::PathBuf;
@@ -26,24 +25,9 @@ pub struct DemoArgs {
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
-    let data = a.output_dir.join("data");
-    let base = a.output_dir.join("base-model");
+    let assets = write_demo_assets(&a.output_dir, a.seed, a.train_docs)?;
+    let (data, base) = (assets.data, assets.base_model);
     let out = a.output_dir.join("pt");
-    tracing::info!(dir = %data.display(), "writing the demo corpus");
-    DemoDomain::new(a.seed).write_pt_dataset(&data, a.train_docs, a.train_docs / 10)?;
-    let model_args = InitModelArgs {
-        vocab_size: 2048,
-        hidden_size: 128,
-        intermediate_size: 344,
-        num_hidden_layers: 4,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        max_position_embeddings: 256,
-        seed: a.seed,
-        ..InitModelArgs::default()
-    };
-    tracing::info!(dir = %base.display(), "initialising a small random Llama");
-    init_model(&[data.join("train/corpus.txt")], &base, &model_args)?;
     let pt = PtArgs {
         model: ModelArgs {
             model_name_or_path: base.clone(),

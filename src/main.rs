@@ -2,7 +2,10 @@
 //! (snake_case) and defaults.
 
 mod bench;
+mod bench_allreduce;
 mod demo;
+mod launch;
+mod run;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -33,6 +36,19 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Training throughput (tokens/s, model FLOP/s, peak memory) of LoRA and full fine-tuning on built-in model shapes.
     Bench(bench::BenchArgs),
+    /// Ring all-reduce over gRPC on loopback vs a plain TCP copy (algorithm and bus bandwidth).
+    #[command(name = "bench-allreduce")]
+    BenchAllreduce(bench_allreduce::BenchAllreduceArgs),
+    /// Start `rlhf worker`s over ssh on the hosts of a DeepSpeed-style hostfile (`host slots=N`).
+    Launch(launch::LaunchArgs),
+    /// Run a pipeline (TOML) end to end: a local coordinator and N worker processes on loopback.
+    Run(run::RunArgs),
+    /// One worker: registers with a coordinator and runs the stages it is given.
+    Worker(rlhf_worker::agent::WorkerArgs),
+    /// Drive a pipeline file's stages on the workers that register (gRPC; journal for restarts).
+    Coordinator(rlhf_coordinator::CoordinatorArgs),
+    /// What a running coordinator does: stage, step, loss, tokens/s, ETA, workers.
+    Status(rlhf_coordinator::StatusArgs),
 }
 
 #[derive(Args)]
@@ -106,6 +122,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo(args) => demo::run(&args)?,
         Command::Bench(args) => bench::run(&args)?,
+        Command::BenchAllreduce(args) => bench_allreduce::run(&args)?,
+        Command::Launch(args) => launch::run(&args)?,
+        Command::Run(args) => run::run(&args)?,
+        Command::Worker(args) => rlhf_worker::agent::run_worker(&args)?,
+        Command::Coordinator(args) => rlhf_coordinator::run_coordinator(&args)?,
+        Command::Status(args) => rlhf_coordinator::run_status(&args)?,
     }
     Ok(())
 }
@@ -117,6 +139,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: logs in files stay greppable.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match run(cli) {

@@ -3,9 +3,11 @@
 //! Every test works in its own temp dir with its own tiny model (making one
 //! takes a few milliseconds), so tests run in parallel and share no state.
 
+mod distributed;
 mod errors;
 mod eval;
 mod init_model;
+mod launch;
 mod pt;
 mod resume;
 

@@ -677,3 +677,43 @@ mod tests {
         assert_eq!(docs.len(), 50);
     }
 }
+
+/// The demo's inputs in `dir`: `data/train`, `data/valid` (the pharmacopoeia
+/// corpus) and `base-model` (a small random Llama with a BPE tokenizer trained
+/// on the corpus). Deterministic in `seed`; used by `rlhf demo` and by the
+/// pipeline's `demo` stage.
+pub fn write_demo_assets(dir: &Path, seed: u64, train_docs: usize) -> Result<DemoAssets> {
+    use crate::init_model::{init_model, InitModelArgs};
+    let assets = DemoAssets {
+        data: dir.join("data"),
+        base_model: dir.join("base-model"),
+    };
+    tracing::info!(dir = %assets.data.display(), "writing the demo corpus");
+    DemoDomain::new(seed).write_pt_dataset(&assets.data, train_docs, train_docs / 10)?;
+    let model_args = InitModelArgs {
+        vocab_size: 2048,
+        hidden_size: 128,
+        intermediate_size: 344,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: 256,
+        seed,
+        ..InitModelArgs::default()
+    };
+    tracing::info!(dir = %assets.base_model.display(), "initialising a small random Llama");
+    init_model(
+        &[assets.data.join("train/corpus.txt")],
+        &assets.base_model,
+        &model_args,
+    )?;
+    Ok(assets)
+}
+
+/// Where [`write_demo_assets`] put things.
+#[derive(Clone, Debug)]
+pub struct DemoAssets {
+    /// `train/` and `valid/` text dirs.
+    pub data: std::path::PathBuf,
+    pub base_model: std::path::PathBuf,
+}

@@ -1,6 +1,7 @@
 //! The worker: the Llama-family model written once against the backend
 //! interface, LoRA, data formats, training stages, optimizer, checkpoints.
 
+pub mod agent;
 pub mod collective;
 pub mod data;
 pub mod demo;

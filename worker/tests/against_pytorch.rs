@@ -35,6 +35,7 @@ fn batch(case: &str) -> Batch {
                 .collect(),
         ),
         labels: rows("labels").into_iter().map(|x| x as i32).collect(),
+        sample_keys: (0..v["batch"].as_u64().unwrap()).collect(),
     }
 }
 

@@ -6,7 +6,14 @@
 //! (CPU workers); the CUDA backend implements the same trait with NCCL on
 //! device buffers, which is why the trait takes the backend's buffers.
 
+pub mod error;
+pub mod layout;
 pub mod ring;
+pub mod server;
+
+pub use error::CollectiveError;
+pub use ring::{RingAllReduce, RingConfig};
+pub use server::{CollectiveServer, ServerConfig};
 
 use anyhow::Result;
 use rlhf_kernels::Backend;

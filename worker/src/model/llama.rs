@@ -20,6 +20,10 @@ pub struct Batch {
     pub input_ids: Vec<u32>,             // [B,T]
     pub attention_mask: Option<Vec<u8>>, // [B,T], 0 = padding
     pub labels: Vec<i32>,                // [B,T]
+    /// [B] identity of each row's sample for LoRA dropout: a row's mask is a
+    /// function of (step seed, key, position in the row), so it does not
+    /// depend on which micro-batch, rank or padding length the sample got.
+    pub sample_keys: Vec<u64>,
 }
 
 impl Batch {
@@ -140,6 +144,11 @@ fn all_mut<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> B::ViewMut<'a> {
 /// A per-(layer, module) dropout seed derived from the step's seed.
 fn module_seed(seed: u64, layer: usize, module: usize) -> u64 {
     seed ^ ((layer as u64 * 8 + module as u64 + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93))
+}
+
+/// The dropout seed of one sample (row) from its layer/module seed.
+fn sample_seed(seed: u64, key: u64) -> u64 {
+    seed ^ (key.wrapping_add(1)).wrapping_mul(0x9FB2_1C65_1E98_DF25)
 }
 
 impl<B: Backend> Llama<B> {
@@ -631,7 +640,16 @@ impl<B: Backend> FwdCtx<'_, B> {
         let len = self.n() * n_in;
         Ok(match self.lora.dropout {
             Some((p, _)) => {
-                be.dropout_forward(be.view_mut(scratch, 0..len), all(be, x), p, seed)?;
+                let row = self.batch.t * n_in;
+                for (s, &key) in self.batch.sample_keys.iter().enumerate() {
+                    let rows = s * row..(s + 1) * row;
+                    be.dropout_forward(
+                        be.view_mut(scratch, rows.clone()),
+                        be.view(x, rows),
+                        p,
+                        sample_seed(seed, key),
+                    )?;
+                }
                 be.view(scratch, 0..len)
             }
             None => all(be, x),
@@ -808,7 +826,16 @@ impl<B: Backend> FwdCtx<'_, B> {
                         self.w.get(a),
                         g,
                     )?;
-                    be.dropout_backward(all_mut(be, dx), be.view(lora_x, 0..n * ni), p, seed)?;
+                    let row = self.batch.t * ni;
+                    for (s, &key) in self.batch.sample_keys.iter().enumerate() {
+                        let rows = s * row..(s + 1) * row;
+                        be.dropout_backward(
+                            be.view_mut(dx, rows.clone()),
+                            be.view(lora_x, rows),
+                            p,
+                            sample_seed(seed, key),
+                        )?;
+                    }
                 }
                 None => {
                     be.gemm(

@@ -2,12 +2,13 @@
 //! → tokens → EOS-joined blocks of block_size → causal-LM training.
 
 use super::args::{parse_bool, ModelArgs, TrainingArgs};
+use crate::collective::{Collective, Single};
 use crate::data::pretrain::{build_pt_blocks, read_text_dir, PtDataArgs};
 use crate::fsutil::write_json_atomic;
 use crate::model::pretrained::load_model;
 use crate::model::weights::SaveDtype;
 use crate::tokenizer::Tokenizer;
-use crate::train::{train, EvalResult, Sample, TrainSummary};
+use crate::train::{train_dist, Dist, EvalResult, NoHooks, Sample, TrainHooks, TrainSummary};
 use anyhow::{Context, Result};
 use clap::Args;
 use rlhf_kernels::Cpu;
@@ -52,9 +53,25 @@ pub struct PtResult {
     pub train_blocks: usize,
     pub eval_blocks: usize,
     pub initial_eval: Option<EvalResult>,
+    /// all_results.json as written (rank 0; Null on other ranks).
+    pub results: serde_json::Value,
 }
 
+/// `rlhf pt` in one process.
 pub fn run(args: &PtArgs) -> Result<PtResult> {
+    run_dist(args, &mut Single, None, &mut NoHooks)
+}
+
+/// One rank of a data-parallel PT stage. `global_batch` defaults to
+/// world × per-device batch × accumulation. Every rank reads the whole data
+/// set (the split between ranks is by sample index); rank 0 writes the outputs.
+pub fn run_dist(
+    args: &PtArgs,
+    collective: &mut dyn Collective<Cpu>,
+    global_batch: Option<usize>,
+    hooks: &mut dyn TrainHooks,
+) -> Result<PtResult> {
+    let is_main = collective.rank() == 0;
     let mut targs = args.training.to_train_args()?;
     SaveDtype::from_torch_dtype(args.model.torch_dtype.as_deref())?;
     let tokenizer_dir = args.model.tokenizer_dir();
@@ -102,11 +119,12 @@ pub fn run(args: &PtArgs) -> Result<PtResult> {
     let initial_eval = if eval_samples.is_empty() || targs.resume_from_checkpoint.is_some() {
         None
     } else {
-        Some(crate::train::evaluate(
+        Some(crate::train::evaluate_sharded(
             &mut model,
             &eval_samples,
             targs.per_device_eval_batch_size,
             pad_id,
+            collective,
         )?)
     };
     if let Some(e) = &initial_eval {
@@ -121,14 +139,40 @@ pub fn run(args: &PtArgs) -> Result<PtResult> {
         super::save_weights(m, dir, &base, &tokenizer_dir)
     };
     targs.show_progress = true;
-    let summary = train(
+    let global_batch = global_batch.unwrap_or(
+        collective.world_size()
+            * targs.per_device_train_batch_size.max(1)
+            * targs.gradient_accumulation_steps.max(1),
+    );
+    let mut dist = Dist {
+        collective,
+        global_batch,
+        hooks,
+    };
+    let summary = train_dist(
         &mut model,
         &train_samples,
         &eval_samples,
         pad_id,
         &targs,
         &save,
+        &mut dist,
     )?;
+    let result = PtResult {
+        train_blocks: train_samples.len(),
+        eval_blocks: eval_samples.len(),
+        summary,
+        initial_eval,
+        results: serde_json::Value::Null,
+    };
+    if !is_main {
+        return Ok(result);
+    }
+    let PtResult {
+        summary,
+        initial_eval,
+        ..
+    } = result;
     if summary.finished {
         super::save_weights(&model, &targs.output_dir, &base, &tokenizer_dir)?;
     }
@@ -155,5 +199,6 @@ pub fn run(args: &PtArgs) -> Result<PtResult> {
         eval_blocks: eval_samples.len(),
         summary,
         initial_eval,
+        results,
     })
 }

@@ -63,12 +63,16 @@ pub fn save(
     Ok(final_dir)
 }
 
-/// Read a checkpoint's state and AdamW moments.
-pub fn load(dir: &Path) -> Result<(TrainerState, Vec<f32>, Vec<f32>)> {
+/// Read a checkpoint's trainer state.
+pub fn load_state(dir: &Path) -> Result<TrainerState> {
     let p = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-    let state: TrainerState =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+}
+
+/// Read a checkpoint's state and AdamW moments.
+pub fn load(dir: &Path) -> Result<(TrainerState, Vec<f32>, Vec<f32>)> {
+    let state = load_state(dir)?;
     let opt = TensorFiles::open_files(&[dir.join(OPTIMIZER_FILE)])?;
     let m = opt.read_f32("exp_avg", &[state.train_len])?;
     let v = opt.read_f32("exp_avg_sq", &[state.train_len])?;
@@ -121,10 +125,15 @@ pub fn resolve(arg: &str, output_dir: &Path) -> Result<PathBuf> {
 }
 
 /// Delete the oldest checkpoints beyond `limit`.
-pub fn prune(output_dir: &Path, limit: usize) -> Result<()> {
+/// Keep the newest `limit` checkpoints, and `keep` (the last one the
+/// coordinator committed, which a recovery would resume from) whatever its age.
+pub fn prune(output_dir: &Path, limit: usize, keep: Option<u64>) -> Result<()> {
     let all = list(output_dir)?;
     if all.len() > limit {
-        for (_, p) in &all[..all.len() - limit] {
+        for (step, p) in &all[..all.len() - limit] {
+            if Some(*step) == keep {
+                continue;
+            }
             std::fs::remove_dir_all(p).with_context(|| format!("removing {}", p.display()))?;
         }
     }
@@ -166,7 +175,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![2, 4, 6]
         );
-        prune(dir.path(), 2).unwrap();
+        prune(dir.path(), 2, None).unwrap();
         assert_eq!(
             list(dir.path())
                 .unwrap()

@@ -6,4 +6,7 @@ pub mod optim;
 pub mod schedule;
 pub mod trainer;
 
-pub use trainer::{collate, evaluate, train, EvalResult, Sample, TrainArgs, TrainSummary};
+pub use trainer::{
+    collate, collate_keyed, evaluate, evaluate_sharded, train, train_dist, Dist, EvalResult,
+    LogRecord, NoHooks, Sample, TrainArgs, TrainHooks, TrainSummary,
+};

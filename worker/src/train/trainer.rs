@@ -6,6 +6,7 @@ use super::checkpoint::{self, TrainerState};
 use super::metrics::{Metrics, Progress};
 use super::optim::{OptimConfig, Optimizer};
 use super::schedule::{Schedule, ScheduleKind};
+use crate::collective::{Collective, Single};
 use crate::model::{Batch, Llama};
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
@@ -23,6 +24,11 @@ pub struct Sample {
 }
 
 impl Sample {
+    /// Tokens this sample predicts (labels after the first that are not -100).
+    pub fn predicted_tokens(&self) -> usize {
+        self.labels.iter().skip(1).filter(|&&l| l != -100).count()
+    }
+
     /// A language-modelling sample: every token is a label.
     pub fn causal(ids: Vec<u32>) -> Self {
         let labels = ids.iter().map(|&x| x as i32).collect();
@@ -33,8 +39,15 @@ impl Sample {
     }
 }
 
-/// Right-pad samples into one batch (pad = `pad_id`, label -100, mask 0).
+/// Right-pad samples into one batch (pad = `pad_id`, label -100, mask 0);
+/// rows keyed 0..b for dropout.
 pub fn collate(samples: &[&Sample], pad_id: u32) -> Batch {
+    let keys: Vec<u64> = (0..samples.len() as u64).collect();
+    collate_keyed(samples, &keys, pad_id)
+}
+
+/// [`collate`] with each row's dropout key given (its sample's dataset index).
+pub fn collate_keyed(samples: &[&Sample], keys: &[u64], pad_id: u32) -> Batch {
     let t = samples.iter().map(|s| s.input_ids.len()).max().unwrap_or(0);
     let b = samples.len();
     let mut input_ids = vec![pad_id; b * t];
@@ -53,6 +66,7 @@ pub fn collate(samples: &[&Sample], pad_id: u32) -> Batch {
         input_ids,
         attention_mask: padded.then_some(mask),
         labels,
+        sample_keys: keys.to_vec(),
     }
 }
 
@@ -144,14 +158,29 @@ pub fn evaluate<B: Backend>(
     batch_size: usize,
     pad_id: u32,
 ) -> Result<EvalResult> {
+    evaluate_sharded(model, samples, batch_size, pad_id, &mut Single)
+}
+
+/// [`evaluate`] split across ranks: rank r takes every world-th batch, and the
+/// loss sums and token counts are summed over ranks.
+pub fn evaluate_sharded<B: Backend>(
+    model: &mut Llama<B>,
+    samples: &[Sample],
+    batch_size: usize,
+    pad_id: u32,
+    collective: &mut dyn Collective<B>,
+) -> Result<EvalResult> {
+    let (rank, world) = (collective.rank(), collective.world_size());
     let mut loss_sum = 0.0;
     let mut tokens = 0;
-    for chunk in samples.chunks(batch_size.max(1)) {
+    for chunk in samples.chunks(batch_size.max(1)).skip(rank).step_by(world) {
         let refs: Vec<&Sample> = chunk.iter().collect();
         let (stats, _) = model.forward(&collate(&refs, pad_id), false)?;
         loss_sum += stats.loss_sum;
         tokens += stats.tokens;
     }
+    let [loss_sum, tokens] = sum_over_ranks(model, collective, [loss_sum, tokens as f64])?;
+    let tokens = tokens as usize;
     if tokens == 0 {
         bail!("nothing to evaluate: no predicted tokens");
     }
@@ -163,6 +192,27 @@ pub fn evaluate<B: Backend>(
     })
 }
 
+/// Sum a few host scalars over ranks (f32 on the wire: for logging and counts
+/// below 2^24 per rank).
+fn sum_over_ranks<B: Backend, const N: usize>(
+    model: &Llama<B>,
+    collective: &mut dyn Collective<B>,
+    values: [f64; N],
+) -> Result<[f64; N]> {
+    if collective.world_size() == 1 {
+        return Ok(values);
+    }
+    let host: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+    let mut buf = model.be.upload(&host)?;
+    collective.all_reduce_sum(&model.be, &mut buf, 0..N)?;
+    let back = model.be.download(model.be.view(&buf, 0..N))?;
+    let mut out = [0.0; N];
+    for (o, b) in out.iter_mut().zip(back) {
+        *o = b as f64;
+    }
+    Ok(out)
+}
+
 /// The indices of each epoch's samples, shuffled from (seed, epoch).
 fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..n).collect();
@@ -172,8 +222,55 @@ fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     idx
 }
 
-/// Train `model` on `train`, evaluating on `eval`. `save_weights(model, dir)`
-/// writes the stage's weights (adapter or model) into a checkpoint dir.
+/// What the data-parallel trainer needs besides the model and data: the
+/// collective between ranks, the global batch, and hooks to the coordinator.
+pub struct Dist<'a, B: Backend> {
+    pub collective: &'a mut dyn Collective<B>,
+    /// Samples per optimizer step across all ranks. The schedule and the
+    /// result depend on it, not on the number of ranks.
+    pub global_batch: usize,
+    pub hooks: &'a mut dyn TrainHooks,
+}
+
+/// A logging step as the trainer reports it (rank 0).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LogRecord {
+    pub step: u64,
+    pub total_steps: u64,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub tokens_per_sec: f64,
+    pub eval_loss: Option<f64>,
+}
+
+/// Callbacks from the training loop (to the coordinator in a distributed run).
+pub trait TrainHooks {
+    /// Each logging step and evaluation (rank 0 only).
+    fn on_log(&mut self, _record: &LogRecord) -> Result<()> {
+        Ok(())
+    }
+    /// This rank reached a checkpoint step; `dir` is Some on the rank that wrote it.
+    fn on_checkpoint(&mut self, _step: u64, _dir: Option<&Path>) -> Result<()> {
+        Ok(())
+    }
+    /// A checkpoint that save_total_limit must not delete (the last committed one).
+    fn protected_checkpoint(&self) -> Option<u64> {
+        None
+    }
+    /// Checked before every step: Err stops the run (e.g. the stage was aborted).
+    fn check_continue(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// No coordinator: nothing to report.
+pub struct NoHooks;
+impl TrainHooks for NoHooks {}
+
+/// Train `model` on `train`, evaluating on `eval`, in one process.
+/// `save_weights(model, dir)` writes the stage's weights (adapter or model)
+/// into a checkpoint dir.
 pub fn train<B: Backend>(
     model: &mut Llama<B>,
     train: &[Sample],
@@ -182,13 +279,41 @@ pub fn train<B: Backend>(
     args: &TrainArgs,
     save_weights: &dyn Fn(&Llama<B>, &Path) -> Result<()>,
 ) -> Result<TrainSummary> {
+    let global_batch =
+        args.per_device_train_batch_size.max(1) * args.gradient_accumulation_steps.max(1);
+    let mut dist = Dist {
+        collective: &mut Single,
+        global_batch,
+        hooks: &mut NoHooks,
+    };
+    train_dist(model, train, eval, pad_id, args, save_weights, &mut dist)
+}
+
+/// Data-parallel training. Every rank holds all samples; optimizer step s of
+/// an epoch uses `global_batch` consecutive samples of the epoch's order, cut
+/// into micro-batches of per_device_train_batch_size, micro-batch j going to
+/// rank j mod world. Gradients are summed over ranks and normalised by the
+/// tokens of the whole step, so 2 ranks × batch 2 compute what 1 rank × batch
+/// 4 computes (up to the order of float additions). Rank 0 writes metrics,
+/// checkpoints and outputs.
+pub fn train_dist<B: Backend>(
+    model: &mut Llama<B>,
+    train: &[Sample],
+    eval: &[Sample],
+    pad_id: u32,
+    args: &TrainArgs,
+    save_weights: &dyn Fn(&Llama<B>, &Path) -> Result<()>,
+    dist: &mut Dist<'_, B>,
+) -> Result<TrainSummary> {
     if train.is_empty() {
         bail!("no training samples");
     }
     let bs = args.per_device_train_batch_size.max(1);
-    let ga = args.gradient_accumulation_steps.max(1);
-    let batches_per_epoch = train.len().div_ceil(bs);
-    let steps_per_epoch = batches_per_epoch.div_ceil(ga) as u64;
+    let (rank, world) = (dist.collective.rank(), dist.collective.world_size());
+    let is_main = rank == 0;
+    let global_batch = dist.global_batch.max(1);
+    let micros_per_step = global_batch.div_ceil(bs);
+    let steps_per_epoch = train.len().div_ceil(global_batch) as u64;
     let total_steps = if args.max_steps > 0 {
         args.max_steps as u64
     } else {
@@ -221,7 +346,11 @@ pub fn train<B: Backend>(
         .transpose()?;
     std::fs::create_dir_all(&args.output_dir)
         .with_context(|| format!("creating {}", args.output_dir.display()))?;
-    let mut metrics = Metrics::open(&args.output_dir.join("metrics.jsonl"))?;
+    let mut metrics = if is_main {
+        Some(Metrics::open(&args.output_dir.join("metrics.jsonl"))?)
+    } else {
+        None
+    };
 
     let mut start_step = 0;
     if let Some(dir) = resume_dir {
@@ -253,11 +382,13 @@ pub fn train<B: Backend>(
             .write(model.be.view_mut(&mut opt.v, 0..v.len()), &v)?;
         opt.step = state.global_step;
         start_step = state.global_step;
-        metrics.truncate_after(start_step)?;
+        if let Some(m) = metrics.as_mut() {
+            m.truncate_after(start_step)?;
+        }
         tracing::info!(checkpoint = %dir.display(), step = start_step, "resumed");
     }
 
-    let progress = Progress::new(total_steps, start_step, args.show_progress);
+    let progress = Progress::new(total_steps, start_step, args.show_progress && is_main);
     let t0 = Instant::now();
     let mut tokens_seen = 0usize;
     let mut window_loss = 0.0;
@@ -275,31 +406,44 @@ pub fn train<B: Backend>(
             order_epoch = epoch;
         }
         let in_epoch = (step % steps_per_epoch) as usize;
-        let first_batch = in_epoch * ga;
-        let last_batch = ((in_epoch + 1) * ga).min(batches_per_epoch);
-        let batches: Vec<_> = (first_batch..last_batch)
-            .map(|bi| {
-                let idx = &order[bi * bs..((bi + 1) * bs).min(train.len())];
-                let refs: Vec<&Sample> = idx.iter().map(|&i| &train[i]).collect();
-                collate(&refs, pad_id)
-            })
-            .collect();
-        let step_tokens: usize = batches
+        let step_samples =
+            &order[in_epoch * global_batch..((in_epoch + 1) * global_batch).min(train.len())];
+        let step_tokens: usize = step_samples
             .iter()
-            .map(|b| b.shifted_targets().iter().filter(|&&t| t != -100).count())
+            .map(|&i| train[i].predicted_tokens())
             .sum();
         if step_tokens == 0 {
             bail!("optimizer step {step} has no tokens to predict");
         }
+        dist.hooks.check_continue()?;
         model.zero_grads()?;
         let mut loss_sum = 0.0;
-        for (micro, batch) in batches.iter().enumerate() {
-            let seed =
-                args.seed ^ (step * 1024 + micro as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
-            let stats = model.forward_backward(batch, 1.0 / step_tokens as f32, Some(seed))?;
+        let mut local_tokens = 0usize;
+        // Dropout masks depend on (seed, step) and each sample's index only.
+        let dropout_seed = args.seed ^ (step + 1).wrapping_mul(0xA24B_AED4_963E_E407);
+        for micro in (rank..micros_per_step).step_by(world) {
+            let lo = (micro * bs).min(step_samples.len());
+            let hi = ((micro + 1) * bs).min(step_samples.len());
+            if lo == hi {
+                continue;
+            }
+            let idx = &step_samples[lo..hi];
+            let refs: Vec<&Sample> = idx.iter().map(|&i| &train[i]).collect();
+            let keys: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
+            let batch = collate_keyed(&refs, &keys, pad_id);
+            let stats =
+                model.forward_backward(&batch, 1.0 / step_tokens as f32, Some(dropout_seed))?;
             loss_sum += stats.loss_sum;
-            tokens_seen += batch.b * batch.t;
+            local_tokens += batch.b * batch.t;
         }
+        if world > 1 {
+            let n = model.layout.train_len;
+            dist.collective
+                .all_reduce_sum(&model.be, &mut model.grads, 0..n)?;
+        }
+        let [loss_sum, step_seen] =
+            sum_over_ranks(model, dist.collective, [loss_sum, local_tokens as f64])?;
+        tokens_seen += step_seen as usize;
         let lr = schedule.lr(step);
         let grad_norm = opt.step(model, lr)?;
         step += 1;
@@ -313,12 +457,14 @@ pub fn train<B: Backend>(
         total_loss_steps += 1;
         let tps = tokens_seen as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         progress.update(step, loss, lr, tps);
-        if args.logging_steps > 0 && step % args.logging_steps == 0 {
+        if is_main && args.logging_steps > 0 && step % args.logging_steps == 0 {
             let mean = window_loss / window_steps as f64;
-            metrics.write(&json!({
-                "step": step, "epoch": step as f64 / steps_per_epoch as f64, "loss": mean,
-                "learning_rate": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
-            }))?;
+            if let Some(m) = metrics.as_mut() {
+                m.write(&json!({
+                    "step": step, "epoch": step as f64 / steps_per_epoch as f64, "loss": mean,
+                    "learning_rate": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
+                }))?;
+            }
             tracing::info!(
                 step,
                 loss = mean,
@@ -327,6 +473,15 @@ pub fn train<B: Backend>(
                 tokens_per_sec = tps,
                 "train"
             );
+            dist.hooks.on_log(&LogRecord {
+                step,
+                total_steps,
+                loss: mean,
+                learning_rate: lr,
+                grad_norm,
+                tokens_per_sec: tps,
+                eval_loss: None,
+            })?;
             window_loss = 0.0;
             window_steps = 0;
         }
@@ -334,31 +489,56 @@ pub fn train<B: Backend>(
             && args.eval_steps.is_some_and(|e| e > 0 && step % e == 0)
             && step < total_steps
         {
-            let r = evaluate(model, eval, args.per_device_eval_batch_size, pad_id)?;
-            log_eval(&mut metrics, step, &r)?;
+            let r = evaluate_sharded(
+                model,
+                eval,
+                args.per_device_eval_batch_size,
+                pad_id,
+                dist.collective,
+            )?;
+            if let Some(m) = metrics.as_mut() {
+                log_eval(m, step, &r)?;
+            }
+            if is_main {
+                dist.hooks.on_log(&LogRecord {
+                    step,
+                    total_steps,
+                    loss: f64::NAN,
+                    learning_rate: lr,
+                    grad_norm,
+                    tokens_per_sec: tps,
+                    eval_loss: Some(r.loss),
+                })?;
+            }
             last_eval = Some(r);
         }
         // As transformers' Trainer: every save_steps, and at the last step.
         if args.save_steps > 0 && (step % args.save_steps == 0 || step == total_steps) {
-            let state = TrainerState {
-                global_step: step,
-                total_steps,
-                steps_per_epoch,
-                seed: args.seed,
-                train_len: model.layout.train_len,
-            };
-            let (m, v) = (
-                model
-                    .be
-                    .download(model.be.view(&opt.m, 0..state.train_len))?,
-                model
-                    .be
-                    .download(model.be.view(&opt.v, 0..state.train_len))?,
-            );
-            let dir = checkpoint::save(&args.output_dir, &state, m, v, |d| save_weights(model, d))?;
-            tracing::info!(checkpoint = %dir.display(), "saved");
-            if let Some(limit) = args.save_total_limit {
-                checkpoint::prune(&args.output_dir, limit)?;
+            if is_main {
+                let state = TrainerState {
+                    global_step: step,
+                    total_steps,
+                    steps_per_epoch,
+                    seed: args.seed,
+                    train_len: model.layout.train_len,
+                };
+                let (m, v) = (
+                    model
+                        .be
+                        .download(model.be.view(&opt.m, 0..state.train_len))?,
+                    model
+                        .be
+                        .download(model.be.view(&opt.v, 0..state.train_len))?,
+                );
+                let dir =
+                    checkpoint::save(&args.output_dir, &state, m, v, |d| save_weights(model, d))?;
+                tracing::info!(checkpoint = %dir.display(), "saved");
+                dist.hooks.on_checkpoint(step, Some(&dir))?;
+                if let Some(limit) = args.save_total_limit {
+                    checkpoint::prune(&args.output_dir, limit, dist.hooks.protected_checkpoint())?;
+                }
+            } else {
+                dist.hooks.on_checkpoint(step, None)?;
             }
         }
         if args
@@ -381,8 +561,16 @@ pub fn train<B: Backend>(
     let eval_result = if eval.is_empty() {
         None
     } else {
-        let r = evaluate(model, eval, args.per_device_eval_batch_size, pad_id)?;
-        log_eval(&mut metrics, step, &r)?;
+        let r = evaluate_sharded(
+            model,
+            eval,
+            args.per_device_eval_batch_size,
+            pad_id,
+            dist.collective,
+        )?;
+        if let Some(m) = metrics.as_mut() {
+            log_eval(m, step, &r)?;
+        }
         Some(r)
     };
     Ok(TrainSummary {

@@ -1,0 +1,192 @@
+//! `rlhf run [PIPELINE] [--workers N]`: the one-command launch. It starts a
+//! coordinator in this process and N worker processes on loopback, with a
+//! fresh token, and runs every stage of the pipeline to the end. A worker
+//! that dies is replaced (up to --max-restarts times); the coordinator rolls
+//! the stage back to its last committed checkpoint and goes on.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rlhf_coordinator::pipeline::Pipeline;
+use rlhf_coordinator::{CoordinatorConfig, PipelineOutcome};
+use rlhf_proto::auth::{TlsFiles, Token, TOKEN_ENV};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The pipeline `rlhf run` uses without a file: examples/pipeline.toml.
+pub const DEFAULT_PIPELINE: &str = include_str!("../examples/pipeline.toml");
+
+#[derive(Args, Clone, Debug)]
+pub struct RunArgs {
+    /// The pipeline file (TOML). Without it, the embedded demo pipeline (examples/pipeline.toml).
+    pub pipeline: Option<PathBuf>,
+    /// Worker processes to start (default: the pipeline's [cluster] workers). The
+    /// global batch stays the pipeline's, whatever this number.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Where the coordinator listens (workers connect here).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: std::net::SocketAddr,
+    /// Serve the status JSON over HTTP at this address (GET /status).
+    #[arg(long)]
+    pub http: Option<std::net::SocketAddr>,
+    /// The coordinator's journal (default: the pipeline's state_dir).
+    #[arg(long = "state-dir")]
+    pub state_dir: Option<PathBuf>,
+    /// How many times a dead worker process is replaced.
+    #[arg(long = "max-restarts", default_value_t = 3)]
+    pub max_restarts: usize,
+}
+
+pub fn run(a: &RunArgs) -> Result<()> {
+    let mut pipeline = match &a.pipeline {
+        Some(p) => Pipeline::load(p)?,
+        None => {
+            let tmp =
+                std::env::temp_dir().join(format!("rlhf-pipeline-{}.toml", std::process::id()));
+            std::fs::write(&tmp, DEFAULT_PIPELINE)?;
+            let p = Pipeline::load(&tmp);
+            let _ = std::fs::remove_file(&tmp);
+            let mut p = p?;
+            p.source = PathBuf::from("examples/pipeline.toml (embedded)");
+            p
+        }
+    };
+    let workers = a.workers.unwrap_or(pipeline.cluster.workers).max(1);
+    pipeline.cluster.min_workers = pipeline.cluster.min_workers.min(workers);
+    let state_dir = a
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| pipeline.cluster.state_dir.clone());
+    let token = Token::generate();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let outcome = rt.block_on(async {
+        let coordinator = rlhf_coordinator::start(CoordinatorConfig {
+            pipeline,
+            listen: a.listen,
+            http: a.http,
+            token: token.clone(),
+            tls: TlsFiles::default(),
+            state_dir,
+        })
+        .await?;
+        let url = format!("http://{}", coordinator.addr);
+        tracing::info!(coordinator = %url, workers, "coordinator up; starting workers");
+        if let Some(h) = coordinator.http_addr {
+            eprintln!("status: http://{h}/status (Authorization: Bearer <token>)");
+        }
+        let mut fleet = Fleet::start(&url, &token, workers)?;
+        let wait = coordinator.wait();
+        tokio::pin!(wait);
+        let outcome = loop {
+            tokio::select! {
+                o = &mut wait => break o,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    fleet.replace_dead(a.max_restarts)?;
+                }
+            }
+        };
+        fleet.finish(Duration::from_secs(10));
+        outcome
+    })?;
+    report(&outcome)
+}
+
+fn report(o: &PipelineOutcome) -> Result<()> {
+    for (stage, results) in &o.results {
+        println!("stage {stage}: {results}");
+    }
+    if !o.success {
+        bail!("pipeline failed: {}", o.message);
+    }
+    println!("pipeline done");
+    Ok(())
+}
+
+/// The local worker processes.
+struct Fleet {
+    url: String,
+    token: Token,
+    children: Vec<Child>,
+    restarts: usize,
+}
+
+impl Fleet {
+    fn start(url: &str, token: &Token, n: usize) -> Result<Fleet> {
+        let mut f = Fleet {
+            url: url.into(),
+            token: token.clone(),
+            children: Vec::new(),
+            restarts: 0,
+        };
+        for _ in 0..n {
+            let c = f.spawn()?;
+            f.children.push(c);
+        }
+        Ok(f)
+    }
+
+    fn spawn(&self) -> Result<Child> {
+        let exe = std::env::current_exe().context("finding the rlhf binary")?;
+        Command::new(exe)
+            .args(["worker", "--coordinator", &self.url, "--root", "."])
+            .env(TOKEN_ENV, self.token.as_str())
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting a worker process")
+    }
+
+    /// Replace workers that exited with an error (a crash or a kill).
+    fn replace_dead(&mut self, max_restarts: usize) -> Result<()> {
+        for i in 0..self.children.len() {
+            if let Some(status) = self.children[i].try_wait()? {
+                if status.success() {
+                    continue;
+                }
+                if self.restarts >= max_restarts {
+                    continue;
+                }
+                self.restarts += 1;
+                tracing::warn!(
+                    %status,
+                    restart = self.restarts,
+                    "a worker process died; starting a replacement"
+                );
+                self.children[i] = self.spawn()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait for the workers to exit (they were told to shut down), then kill stragglers.
+    fn finish(&mut self, grace: Duration) {
+        let deadline = std::time::Instant::now() + grace;
+        for c in &mut self.children {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if std::time::Instant::now() > deadline => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            if let Ok(None) = c.try_wait() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! The coordinator and workers as real processes on loopback: data parallel
+//! training that does not depend on the worker count, and recovery from a
+//! worker or the coordinator killed with SIGKILL in the middle of a stage.
+
+use crate::{setup, Setup};
+use rlhf_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_rlhf");
+
+/// A PT pipeline on the tiny model, paths relative to the workspace root.
+/// LoRA keeps its default dropout (0.05): masks must not depend on placement.
+fn pipeline(s: &Setup, name: &str, workers: usize, batch: usize, steps: u64, save: u64) -> PathBuf {
+    let text = format!(
+        r#"[cluster]
+workers = {workers}
+heartbeat_interval_ms = 200
+heartbeat_timeout_ms = 2000
+state_dir = "{name}/.coordinator"
+
+[[stage]]
+name = "pt"
+kind = "pt"
+model_name_or_path = "model"
+train_file_dir = "data"
+output_dir = "{name}/pt"
+block_size = 32
+per_device_train_batch_size = {batch}
+max_steps = {steps}
+learning_rate = 1e-3
+logging_steps = 1
+save_steps = {save}
+use_peft = true
+"#
+    );
+    s.ws.write(&format!("{name}.toml"), text)
+}
+
+/// `rlhf run FILE [extra]` in the workspace; panics with its output on failure.
+fn rlhf_run(s: &Setup, file: &Path, extra: &[&str]) -> std::process::Output {
+    let out = Command::new(BIN)
+        .current_dir(s.ws.path(""))
+        .arg("run")
+        .arg(file)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rlhf run failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn adapter(s: &Setup, name: &str) -> std::collections::BTreeMap<String, Tensor> {
+    read_safetensors(&s.ws.path(&format!("{name}/pt/adapter_model.safetensors")))
+}
+
+fn losses(s: &Setup, name: &str) -> Vec<(u64, f64)> {
+    let m = read_jsonl(&s.ws.path(&format!("{name}/pt/metrics.jsonl")));
+    train_lines(&m)
+        .iter()
+        .map(|v| (num(v, "step") as u64, num(v, "loss")))
+        .collect()
+}
+
+/// Per tensor, the relative error ‖a − b‖₂ / ‖b‖₂ ≤ tol, and the same names.
+fn assert_close(
+    a: &std::collections::BTreeMap<String, Tensor>,
+    b: &std::collections::BTreeMap<String, Tensor>,
+    tol: f64,
+) {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "different tensors"
+    );
+    let mut worst = 0f64;
+    for (name, ta) in a {
+        let (x, y) = (ta.f32s(), b[name].f32s());
+        let norm = y.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
+        let diff = x
+            .iter()
+            .zip(&y)
+            .map(|(p, q)| (*p as f64 - *q as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(diff / norm <= tol, "{name}: relative error {:e} > {tol:e}", diff / norm);
+        worst = worst.max(diff / norm);
+    }
+    eprintln!("largest relative error of a tensor: {worst:e}");
+}
+
+fn assert_losses_close(a: &[(u64, f64)], b: &[(u64, f64)], tol: f64) {
+    let steps = |v: &[(u64, f64)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
+    assert_eq!(steps(a), steps(b), "different logged steps");
+    for ((step, x), (_, y)) in a.iter().zip(b) {
+        assert!(
+            ((x - y) / y).abs() <= tol,
+            "step {step}: loss {x} vs {y}"
+        );
+    }
+}
+
+#[test]
+fn two_workers_of_batch_2_train_what_one_worker_of_batch_4_does() {
+    let s = setup();
+    let two = pipeline(&s, "two", 2, 2, 6, 3);
+    let one = pipeline(&s, "one", 1, 4, 6, 3);
+    let two_in_one = pipeline(&s, "two_in_one", 2, 2, 6, 3);
+    rlhf_run(&s, &two, &[]);
+    rlhf_run(&s, &one, &[]);
+    // The same pipeline (global batch 4 = 2 planned workers × 2) on ONE
+    // process: two micro-batches accumulated locally instead of summed by the
+    // ring. With two ranks each sum has one addition, so this is bitwise.
+    rlhf_run(&s, &two_in_one, &["--workers", "1"]);
+
+    let (a, b, c) = (adapter(&s, "two"), adapter(&s, "one"), adapter(&s, "two_in_one"));
+    assert_eq!(a, c, "1 process × 2 micro-batches differs from 2 processes");
+    // The logged loss crosses the ring as f32 (f64 in one process).
+    assert_losses_close(&losses(&s, "two"), &losses(&s, "two_in_one"), 1e-6);
+    assert_close(&a, &b, 1e-5);
+    let (la, lb) = (losses(&s, "two"), losses(&s, "one"));
+    assert_eq!(la.len(), 6);
+    assert_losses_close(&la, &lb, 1e-5);
+    // It trained: the adapter moved away from B = 0 and the loss fell.
+    assert!(a.iter().any(|(n, t)| n.contains("lora_B") && t.f32s().iter().any(|v| *v != 0.0)));
+    assert!(la[5].1 < la[0].1, "loss did not fall: {la:?}");
+    // Only rank 0 writes; nothing half-written is left behind.
+    assert_eq!(checkpoints(&s.ws.path("two/pt")), ["checkpoint-3", "checkpoint-6"]);
+    assert_eq!(temp_files(&s.ws.path("two/pt")), Vec::<String>::new());
+}
+
+/// A coordinator, workers and their logs, as separate processes.
+struct Cluster {
+    root: PathBuf,
+    port: u16,
+    token_file: PathBuf,
+    coordinator: Option<Child>,
+    workers: Vec<Child>,
+    logs: Vec<PathBuf>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    fn new(s: &Setup) -> Cluster {
+        let token_file = s.ws.write("token", "0123456789abcdef0123456789abcdef\n");
+        Cluster {
+            root: s.ws.path(""),
+            port: free_port(),
+            token_file,
+            coordinator: None,
+            workers: Vec::new(),
+            logs: Vec::new(),
+        }
+    }
+
+    fn spawn(&mut self, log: &str, args: &[&str]) -> Child {
+        let path = self.root.join(log);
+        let f = std::fs::File::create(&path).unwrap();
+        self.logs.push(path);
+        Command::new(BIN)
+            .current_dir(&self.root)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap()
+    }
+
+    fn start_coordinator(&mut self, pipeline: &Path) {
+        let listen = format!("127.0.0.1:{}", self.port);
+        let token = self.token_file.to_str().unwrap().to_string();
+        let n = self.logs.len();
+        let c = self.spawn(
+            &format!("coordinator-{n}.log"),
+            &["coordinator", "--config", pipeline.to_str().unwrap(), "--listen", &listen, "--token-file", &token],
+        );
+        self.coordinator = Some(c);
+    }
+
+    fn start_worker(&mut self, step_delay_ms: u64) {
+        let url = format!("http://127.0.0.1:{}", self.port);
+        let token = self.token_file.to_str().unwrap().to_string();
+        let delay = step_delay_ms.to_string();
+        let n = self.logs.len();
+        let w = self.spawn(
+            &format!("worker-{n}.log"),
+            &["worker", "--coordinator", &url, "--token-file", &token, "--test-step-delay-ms", &delay],
+        );
+        self.workers.push(w);
+    }
+
+    fn logs(&self) -> String {
+        self.logs
+            .iter()
+            .map(|p| format!("==== {}\n{}", p.display(), std::fs::read_to_string(p).unwrap_or_default()))
+            .collect()
+    }
+
+    /// `rlhf status --json`, None while the coordinator does not answer.
+    fn status(&self) -> Option<serde_json::Value> {
+        let out = Command::new(BIN)
+            .args(["status", "--coordinator", &format!("http://127.0.0.1:{}", self.port), "--json", "--token-file", self.token_file.to_str().unwrap()])
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Poll the status until `pred` holds (panics with the logs after `timeout`).
+    fn wait_status(&self, what: &str, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = self.status() {
+                if pred(&v) {
+                    return v;
+                }
+            }
+            if start.elapsed() > timeout {
+                panic!("timed out waiting for {what}; status {:?}\n{}", self.status(), self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_coordinator(&mut self, timeout: Duration) -> ExitStatus {
+        let c = self.coordinator.as_mut().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            if start.elapsed() > timeout {
+                let _ = c.kill();
+                panic!("the coordinator did not finish in {timeout:?}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.workers.iter_mut().chain(self.coordinator.as_mut()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn committed_step(v: &serde_json::Value) -> u64 {
+    v["stage"]["committed_step"].as_u64().unwrap_or(0)
+}
+
+fn registered_workers(v: &serde_json::Value) -> usize {
+    v["workers"].as_array().map(|a| a.len()).unwrap_or(0)
+}
+
+/// 12 steps of global batch 4, a checkpoint every 2 steps.
+const FAULT_STEPS: u64 = 12;
+
+#[test]
+fn a_worker_killed_mid_stage_is_replaced_by_the_survivor_and_the_result_is_unchanged() {
+    let s = setup();
+    let reference = pipeline(&s, "ref", 2, 2, FAULT_STEPS, 2);
+    rlhf_run(&s, &reference, &[]);
+
+    let faulty = pipeline(&s, "faulty", 2, 2, FAULT_STEPS, 2);
+    let mut c = Cluster::new(&s);
+    c.start_coordinator(&faulty);
+    // Registration order gives the ranks: the first worker is rank 0, the one
+    // that writes checkpoints — the harder one to lose.
+    c.start_worker(150);
+    c.wait_status("the first worker", Duration::from_secs(30), |v| registered_workers(v) == 1);
+    c.start_worker(150);
+    c.wait_status("a committed checkpoint", Duration::from_secs(60), |v| committed_step(v) >= 2);
+    let killed_at = Instant::now();
+    let mut rank0 = c.workers.remove(0);
+    rank0.kill().unwrap(); // SIGKILL
+    rank0.wait().unwrap();
+    let st = c.wait_coordinator(Duration::from_secs(120));
+    assert!(st.success(), "coordinator failed\n{}", c.logs());
+    let logs = c.logs();
+    assert!(
+        logs.contains("worker declared dead"),
+        "the coordinator did not notice the dead worker\n{logs}"
+    );
+    // Placed again on the survivor alone, from the committed checkpoint.
+    assert!(
+        logs.contains("world=1") && logs.contains("resume=faulty/pt/checkpoint-"),
+        "no re-placement from a checkpoint\n{logs}"
+    );
+    eprintln!("kill -9 to finished: {:.1} s", killed_at.elapsed().as_secs_f64());
+
+    assert_close(&adapter(&s, "faulty"), &adapter(&s, "ref"), 1e-5);
+    // Every step logged once, with the uninterrupted run's loss: no sample
+    // was lost or counted twice.
+    assert_losses_close(&losses(&s, "faulty"), &losses(&s, "ref"), 1e-5);
+}
+
+#[test]
+fn a_coordinator_killed_mid_stage_resumes_from_its_journal_and_the_result_is_unchanged() {
+    let s = setup();
+    let reference = pipeline(&s, "ref", 2, 2, FAULT_STEPS, 2);
+    rlhf_run(&s, &reference, &[]);
+
+    let faulty = pipeline(&s, "faulty", 2, 2, FAULT_STEPS, 2);
+    let mut c = Cluster::new(&s);
+    c.start_coordinator(&faulty);
+    c.start_worker(150);
+    c.wait_status("the first worker", Duration::from_secs(30), |v| registered_workers(v) == 1);
+    c.start_worker(150);
+    c.wait_status("a committed checkpoint", Duration::from_secs(60), |v| committed_step(v) >= 2);
+    let mut old = c.coordinator.take().unwrap();
+    old.kill().unwrap(); // SIGKILL
+    old.wait().unwrap();
+    assert!(
+        s.ws.path("faulty/.coordinator/journal.json").is_file(),
+        "no journal to resume from"
+    );
+    // The workers keep trying to reach it; a new coordinator on the same
+    // address and state dir picks the pipeline up.
+    std::thread::sleep(Duration::from_millis(500));
+    c.start_coordinator(&faulty);
+    let st = c.wait_coordinator(Duration::from_secs(120));
+    let logs = c.logs();
+    assert!(st.success(), "restarted coordinator failed\n{logs}");
+    assert!(
+        logs.contains("resume=faulty/pt/checkpoint-"),
+        "the restarted coordinator did not resume from a checkpoint\n{logs}"
+    );
+
+    assert_close(&adapter(&s, "faulty"), &adapter(&s, "ref"), 1e-5);
+    assert_losses_close(&losses(&s, "faulty"), &losses(&s, "ref"), 1e-5);
+}
+
+#[test]
+fn a_worker_with_the_wrong_token_is_refused() {
+    let s = setup();
+    let p = pipeline(&s, "p", 1, 2, 2, 2);
+    let mut c = Cluster::new(&s);
+    c.start_coordinator(&p);
+    c.wait_status("the coordinator", Duration::from_secs(30), |_| true);
+    let bad = s.ws.write("bad-token", "ffffffffffffffffffffffffffffffff");
+    let out = Command::new(BIN)
+        .current_dir(s.ws.path(""))
+        .args(["worker", "--coordinator", &format!("http://127.0.0.1:{}", c.port), "--token-file", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused") && err.contains("token"), "{err}");
+    // And `rlhf status` without the right token gets nothing.
+    let out = Command::new(BIN)
+        .args(["status", "--coordinator", &format!("http://127.0.0.1:{}", c.port), "--token-file", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).to_lowercase().contains("token"));
+}
+
+#[test]
+fn stage_paths_outside_the_worker_root_fail_the_pipeline_with_the_path_named() {
+    let s = setup();
+    let p = pipeline(&s, "p", 1, 2, 2, 2);
+    let text = std::fs::read_to_string(&p).unwrap().replace("output_dir = \"p/pt\"", "output_dir = \"../escape\"");
+    std::fs::write(&p, text).unwrap();
+    let out = Command::new(BIN)
+        .current_dir(s.ws.path(""))
+        .args(["run", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("../escape") && err.contains("root"), "{err}");
+    assert!(!s.ws.path("../escape").exists());
+}

@@ -58,6 +58,14 @@ pub fn run(a: &RunArgs) -> Result<()> {
         .state_dir
         .clone()
         .unwrap_or_else(|| pipeline.cluster.state_dir.clone());
+    let journal = state_dir.join("journal.json");
+    if journal.exists() {
+        eprintln!(
+            "continuing the run recorded in {} (a finished run just reports again; delete {} to start afresh)",
+            journal.display(),
+            state_dir.display()
+        );
+    }
     let token = Token::generate();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -98,6 +106,14 @@ pub fn run(a: &RunArgs) -> Result<()> {
 fn report(o: &PipelineOutcome) -> Result<()> {
     for (stage, results) in &o.results {
         println!("stage {stage}: {results}");
+        let f = |k: &str| results.get(k).and_then(|v| v.as_f64());
+        if let (Some(before), Some(after)) = (f("initial_perplexity"), f("perplexity")) {
+            println!(
+                "  held-out perplexity {before:.2} -> {after:.2} ({} steps, {:.0} tokens/s)",
+                f("global_step").unwrap_or(f64::NAN),
+                f("train_tokens_per_second").unwrap_or(f64::NAN)
+            );
+        }
     }
     if !o.success {
         bail!("pipeline failed: {}", o.message);

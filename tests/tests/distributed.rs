@@ -182,25 +182,31 @@ impl Cluster {
     }
 
     fn start_coordinator(&mut self, pipeline: &Path) {
+        self.start_coordinator_with(pipeline, &[]);
+    }
+
+    fn start_coordinator_with(&mut self, pipeline: &Path, extra: &[&str]) {
         let listen = format!("127.0.0.1:{}", self.port);
         let token = self.token_file.to_str().unwrap().to_string();
         let n = self.logs.len();
-        let c = self.spawn(
-            &format!("coordinator-{n}.log"),
-            &["coordinator", "--config", pipeline.to_str().unwrap(), "--listen", &listen, "--token-file", &token],
-        );
+        let mut args = vec!["coordinator", "--config", pipeline.to_str().unwrap(), "--listen", &listen, "--token-file", &token];
+        args.extend_from_slice(extra);
+        let c = self.spawn(&format!("coordinator-{n}.log"), &args);
         self.coordinator = Some(c);
     }
 
     fn start_worker(&mut self, step_delay_ms: u64) {
-        let url = format!("http://127.0.0.1:{}", self.port);
+        self.start_worker_with(step_delay_ms, "http", &[]);
+    }
+
+    fn start_worker_with(&mut self, step_delay_ms: u64, scheme: &str, extra: &[&str]) {
+        let url = format!("{scheme}://127.0.0.1:{}", self.port);
         let token = self.token_file.to_str().unwrap().to_string();
         let delay = step_delay_ms.to_string();
         let n = self.logs.len();
-        let w = self.spawn(
-            &format!("worker-{n}.log"),
-            &["worker", "--coordinator", &url, "--token-file", &token, "--test-step-delay-ms", &delay],
-        );
+        let mut args = vec!["worker", "--coordinator", &url, "--token-file", &token, "--test-step-delay-ms", &delay];
+        args.extend_from_slice(extra);
+        let w = self.spawn(&format!("worker-{n}.log"), &args);
         self.workers.push(w);
     }
 
@@ -213,8 +219,13 @@ impl Cluster {
 
     /// `rlhf status --json`, None while the coordinator does not answer.
     fn status(&self) -> Option<serde_json::Value> {
+        self.status_with("http", &[])
+    }
+
+    fn status_with(&self, scheme: &str, extra: &[&str]) -> Option<serde_json::Value> {
         let out = Command::new(BIN)
-            .args(["status", "--coordinator", &format!("http://127.0.0.1:{}", self.port), "--json", "--token-file", self.token_file.to_str().unwrap()])
+            .args(["status", "--coordinator", &format!("{scheme}://127.0.0.1:{}", self.port), "--json", "--token-file", self.token_file.to_str().unwrap()])
+            .args(extra)
             .output()
             .ok()?;
         if !out.status.success() {
@@ -390,4 +401,55 @@ fn stage_paths_outside_the_worker_root_fail_the_pipeline_with_the_path_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("../escape") && err.contains("root"), "{err}");
     assert!(!s.ws.path("../escape").exists());
+}
+
+/// Test-only certificates (tests/fixtures/tls/README.md).
+fn tls_fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tls")
+        .join(name)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn with_mutual_tls_a_pipeline_runs_and_clients_without_the_ca_are_refused() {
+    let s = setup();
+    let p = pipeline(&s, "tls", 2, 2, 4, 2);
+    let (cert, key, ca, other) = (
+        tls_fixture("node.pem"),
+        tls_fixture("node.key"),
+        tls_fixture("ca.pem"),
+        tls_fixture("other-ca.pem"),
+    );
+    let tls: Vec<&str> = vec!["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca];
+    let mut c = Cluster::new(&s);
+    c.start_coordinator_with(&p, &tls);
+    // Workers are not placed before both joined (min_workers = 2), so the
+    // status checks below run against a live coordinator.
+    c.start_worker_with(0, "https", &tls);
+    let v = (0..300)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            c.status_with("https", &tls)
+        })
+        .unwrap_or_else(|| panic!("no status over TLS\n{}", c.logs()));
+    assert!(registered_workers(&v) <= 1, "{v}");
+    // Plain HTTP/2 to a TLS port, a client trusting another CA, and a client
+    // without a certificate are all refused.
+    assert!(c.status().is_none(), "plain-text status answered");
+    assert!(
+        c.status_with("https", &["--tls-ca", &other, "--tls-cert", &cert, "--tls-key", &key]).is_none(),
+        "a client trusting another CA accepted the server"
+    );
+    assert!(
+        c.status_with("https", &["--tls-ca", &ca]).is_none(),
+        "a client without a certificate was served"
+    );
+    // The second worker: the ring between the two runs over TLS as well.
+    c.start_worker_with(0, "https", &tls);
+    let st = c.wait_coordinator(Duration::from_secs(120));
+    assert!(st.success(), "TLS pipeline failed\n{}", c.logs());
+    assert_eq!(losses(&s, "tls").len(), 4);
 }

@@ -156,6 +156,7 @@ fn run_stage_blocking(
             };
             let r =
                 crate::stages::pt::run_dist(&args, collective.as_mut(), global_batch, &mut hooks)?;
+            collective.finish()?;
             if !r.summary.finished {
                 bail!("the stage stopped before its last step");
             }

@@ -29,6 +29,10 @@ pub trait Collective<B: Backend>: Send {
     /// reproducible). Fails — never hangs — when a peer dies or the stage is
     /// aborted.
     fn all_reduce_sum(&mut self, be: &B, buf: &mut B::Buf, range: Range<usize>) -> Result<()>;
+    /// The stage is over on this rank: flush what neighbours still need.
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One process: the sum over ranks is the buffer itself.
@@ -54,6 +58,9 @@ pub trait HostAllReduce: Send {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
     fn all_reduce_sum_host(&mut self, data: &mut [f32]) -> Result<()>;
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Any host all-reduce, used on any backend: download, reduce, write back.
@@ -74,5 +81,8 @@ impl<B: Backend, H: HostAllReduce> Collective<B> for ViaHost<H> {
         self.0.all_reduce_sum_host(&mut host)?;
         be.write(be.view_mut(buf, range), &host)?;
         Ok(())
+    }
+    fn finish(&mut self) -> Result<()> {
+        self.0.finish()
     }
 }

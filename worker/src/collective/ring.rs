@@ -181,6 +181,10 @@ impl RingAllReduce {
     /// (up to the I/O timeout) until it has taken every chunk, so that the
     /// neighbour's last all-reduce completes even if this process exits next.
     pub fn close(mut self) -> Result<(), CollectiveError> {
+        self.close_stream()
+    }
+
+    fn close_stream(&mut self) -> Result<(), CollectiveError> {
         let Some(Outgoing { tx, done }) = self.out.take() else {
             return Ok(());
         };
@@ -238,9 +242,13 @@ impl RingAllReduce {
         let mut own = chunks(segment(total, world, rank), self.chunk_elems).peekable();
         let mut ticker = tokio::time::interval(ABORT_POLL);
         let mut deadline = Instant::now() + self.io_timeout;
+        let prof = std::env::var_os("RLHF_RING_PROFILE").is_some();
+        let (mut t_wait, mut t_red, mut t_send) = (0f64, 0f64, 0f64);
+        let t_all = std::time::Instant::now();
         for step in 0..steps {
             let seg = segment(total, world, recv_segment(rank, world, step));
             for expect in chunks(seg, self.chunk_elems) {
+                let t0 = std::time::Instant::now();
                 let chunk = loop {
                     if self.abort.load(Ordering::Relaxed) {
                         return Err(CollectiveError::Aborted);
@@ -282,6 +290,8 @@ impl RingAllReduce {
                         }
                     }
                 };
+                let t1 = std::time::Instant::now();
+                t_wait += (t1 - t0).as_secs_f64();
                 deadline = Instant::now() + self.io_timeout;
                 self.check(&chunk, op, step, &expect, total)?;
                 let local = &mut data[expect.clone()];
@@ -291,6 +301,8 @@ impl RingAllReduce {
                     copy_from_le(local, &chunk.data);
                     chunk.data
                 };
+                let t2 = std::time::Instant::now();
+                t_red += (t2 - t1).as_secs_f64();
                 if step + 1 < steps {
                     // The stream is in schedule order: the rest of step 0 goes first.
                     for r in own.by_ref() {
@@ -298,7 +310,17 @@ impl RingAllReduce {
                     }
                     self.send(op, step + 1, &expect, total, fwd)?;
                 }
+                t_send += t2.elapsed().as_secs_f64();
             }
+        }
+        if prof {
+            eprintln!(
+                "rank {rank} op {op}: total {:.1} ms wait {:.1} reduce {:.1} send {:.1}",
+                t_all.elapsed().as_secs_f64() * 1e3,
+                t_wait * 1e3,
+                t_red * 1e3,
+                t_send * 1e3
+            );
         }
         // Our own chunks all went out before the first forward, and the ring
         // cannot complete without them.
@@ -363,6 +385,10 @@ impl HostAllReduce for RingAllReduce {
             Ok(()) => Ok(()),
             Err(e) => Err(self.fail(e).into()),
         }
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        Ok(self.close_stream()?)
     }
 }
 

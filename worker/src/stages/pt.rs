@@ -127,7 +127,7 @@ pub fn run_dist(
             collective,
         )?)
     };
-    if let Some(e) = &initial_eval {
+    if let (true, Some(e)) = (is_main, &initial_eval) {
         tracing::info!(
             eval_loss = e.loss,
             perplexity = e.perplexity,

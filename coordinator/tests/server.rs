@@ -709,3 +709,47 @@ async fn http_status_needs_the_token() {
     assert_eq!(g["workers"][0]["id"], v["workers"][0]["id"]);
     assert_eq!(g["state"], v["state"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_over_the_size_bound_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = coordinator(
+        pipeline(vec![pt_stage("pt")], 1, dir.path()),
+        dir.path(),
+        false,
+    )
+    .await;
+    // A client that would send anything: the server's bound is what refuses.
+    let mut c = client(coord.addr).max_encoding_message_size(64 << 20);
+    let e = c
+        .register(RegisterRequest {
+            host: "h".repeat(rlhf_proto::auth::MAX_CONTROL_MESSAGE + 1),
+            version: VERSION.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    // Just under the bound is fine.
+    c.register(RegisterRequest {
+        host: "h".repeat(1000),
+        version: VERSION.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+#[test]
+fn the_coordinator_listens_on_loopback_unless_told_otherwise() {
+    let addr: SocketAddr = rlhf_coordinator::DEFAULT_LISTEN.parse().unwrap();
+    assert!(addr.ip().is_loopback(), "{addr}");
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: rlhf_coordinator::CoordinatorArgs,
+    }
+    let cli = Cli::try_parse_from(["coordinator", "--config", "p.toml"]).unwrap();
+    assert!(cli.a.listen.ip().is_loopback(), "{:?}", cli.a.listen);
+}

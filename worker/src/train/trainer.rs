@@ -213,6 +213,22 @@ fn sum_over_ranks<B: Backend, const N: usize>(
     Ok(out)
 }
 
+/// The micro-batches of one optimizer step that `rank` computes: positions
+/// in the step's `n` samples, cut into `bs`-sized micro-batches, micro-batch j
+/// going to rank j mod world (empty ones, at the end of an epoch, skipped).
+fn rank_micro_batches(
+    n: usize,
+    bs: usize,
+    micros_per_step: usize,
+    rank: usize,
+    world: usize,
+) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (rank..micros_per_step)
+        .step_by(world)
+        .map(move |j| (j * bs).min(n)..((j + 1) * bs).min(n))
+        .filter(|r| !r.is_empty())
+}
+
 /// The indices of each epoch's samples, shuffled from (seed, epoch).
 fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..n).collect();
@@ -421,13 +437,8 @@ pub fn train_dist<B: Backend>(
         let mut local_tokens = 0usize;
         // Dropout masks depend on (seed, step) and each sample's index only.
         let dropout_seed = args.seed ^ (step + 1).wrapping_mul(0xA24B_AED4_963E_E407);
-        for micro in (rank..micros_per_step).step_by(world) {
-            let lo = (micro * bs).min(step_samples.len());
-            let hi = ((micro + 1) * bs).min(step_samples.len());
-            if lo == hi {
-                continue;
-            }
-            let idx = &step_samples[lo..hi];
+        for range in rank_micro_batches(step_samples.len(), bs, micros_per_step, rank, world) {
+            let idx = &step_samples[range];
             let refs: Vec<&Sample> = idx.iter().map(|&i| &train[i]).collect();
             let keys: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
             let batch = collate_keyed(&refs, &keys, pad_id);
@@ -585,4 +596,53 @@ pub fn train_dist<B: Backend>(
 fn log_eval(metrics: &mut Metrics, step: u64, r: &EvalResult) -> Result<()> {
     tracing::info!(step, eval_loss = r.loss, perplexity = r.perplexity, "eval");
     metrics.write(&json!({"step": step, "eval_loss": r.loss, "perplexity": r.perplexity, "eval_tokens": r.tokens}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever the world size, the ranks together use each sample of an
+    /// epoch exactly once, and the step boundaries depend on the global batch only.
+    #[test]
+    fn every_sample_is_used_once_per_epoch_across_ranks() {
+        for n in [1usize, 7, 10, 33] {
+            for (global, bs) in [(4usize, 2usize), (4, 4), (6, 2), (8, 3)] {
+                let order = epoch_order(n, 7, 0);
+                for world in 1..=4 {
+                    let mut seen = vec![0u32; n];
+                    let mut steps = Vec::new();
+                    for step_start in (0..n).step_by(global) {
+                        let step = &order[step_start..(step_start + global).min(n)];
+                        let mut in_step = Vec::new();
+                        for rank in 0..world {
+                            for r in rank_micro_batches(step.len(), bs, global.div_ceil(bs), rank, world) {
+                                assert!(r.len() <= bs);
+                                in_step.extend_from_slice(&step[r]);
+                            }
+                        }
+                        in_step.sort();
+                        steps.push(in_step);
+                    }
+                    for s in &steps {
+                        for &i in s {
+                            seen[i] += 1;
+                        }
+                    }
+                    assert!(seen.iter().all(|&c| c == 1), "n {n} global {global} bs {bs} world {world}: {seen:?}");
+                    assert_eq!(steps.len(), n.div_ceil(global));
+                    // The same samples in each step as with one rank.
+                    let one: Vec<Vec<usize>> = (0..n)
+                        .step_by(global)
+                        .map(|s| {
+                            let mut v = order[s..(s + global).min(n)].to_vec();
+                            v.sort();
+                            v
+                        })
+                        .collect();
+                    assert_eq!(steps, one);
+                }
+            }
+        }
+    }
 }

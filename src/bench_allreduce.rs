@@ -43,8 +43,9 @@ pub struct BenchAllreduceArgs {
     /// Chunk size of the ring in KiB.
     #[arg(long = "chunk-kb", default_value_t = 1024)]
     pub chunk_kb: usize,
-    /// Tokio worker threads of each rank process.
-    #[arg(long = "threads", default_value_t = 2)]
+    /// Tokio worker threads of each rank process (1 measured best on 2 vCPUs:
+    /// W ranks × (runtime threads + the calling thread) share the cores).
+    #[arg(long = "threads", default_value_t = 1)]
     pub threads: usize,
     /// Also write the results as JSON here.
     #[arg(long = "out")]
@@ -170,7 +171,11 @@ fn run_ranks(args: &BenchAllreduceArgs, kind: &str, world: usize, elems: usize) 
         let mut peers = Vec::new();
         for p in procs.iter_mut() {
             let l = p.line()?;
-            peers.push(l.strip_prefix("addr ").context("expected `addr`")?.to_string());
+            peers.push(
+                l.strip_prefix("addr ")
+                    .context("expected `addr`")?
+                    .to_string(),
+            );
         }
         let list = peers.join(",");
         for p in procs.iter_mut() {
@@ -223,7 +228,11 @@ fn rank_main(args: &BenchAllreduceArgs, kind: &str) -> Result<()> {
     let stdin = std::io::stdin();
     let mut input = stdin.lock().lines();
     let mut next = move || -> Result<String> {
-        Ok(input.next().context("parent went away")??.trim().to_string())
+        Ok(input
+            .next()
+            .context("parent went away")??
+            .trim()
+            .to_string())
     };
     let mut out = std::io::stdout();
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
+};
 use tonic::{Request, Status};
 
 /// The environment variable a token may come from (`rlhf run` sets it for its children).
@@ -28,7 +30,9 @@ pub enum AuthError {
     },
     #[error("token {origin} is empty or shorter than 16 characters")]
     TooShort { origin: String },
-    #[error("token {origin} has characters that cannot go in an HTTP header (use printable ASCII)")]
+    #[error(
+        "token {origin} has characters that cannot go in an HTTP header (use printable ASCII)"
+    )]
     NotAscii { origin: String },
     #[error("reading TLS {what} {path}: {source}")]
     TlsFile {
@@ -97,7 +101,9 @@ impl Token {
 
     fn header(&self) -> MetadataValue<tonic::metadata::Ascii> {
         // Checked printable ASCII in `new`; `generate` is hex.
-        format!("Bearer {}", self.0).parse().expect("token is ASCII")
+        format!("Bearer {}", self.0)
+            .parse()
+            .expect("token is ASCII")
     }
 
     /// Whether an `authorization` header value carries this token (constant time).
@@ -107,7 +113,11 @@ impl Token {
         if value.len() != want.len() {
             return false;
         }
-        value.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        value
+            .iter()
+            .zip(want)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
     }
 }
 
@@ -179,13 +189,17 @@ impl TlsFiles {
     }
 
     pub fn client_config(&self, host: &str) -> Result<ClientTlsConfig, AuthError> {
-        let mut cfg = ClientTlsConfig::new().domain_name(self.domain.clone().unwrap_or(host.into()));
+        let mut cfg =
+            ClientTlsConfig::new().domain_name(self.domain.clone().unwrap_or(host.into()));
         if let Some(ca) = &self.ca {
             cfg = cfg.ca_certificate(Certificate::from_pem(read_pem("CA", ca)?));
         }
         match (&self.cert, &self.key) {
             (Some(c), Some(k)) => {
-                cfg = cfg.identity(Identity::from_pem(read_pem("certificate", c)?, read_pem("key", k)?))
+                cfg = cfg.identity(Identity::from_pem(
+                    read_pem("certificate", c)?,
+                    read_pem("key", k)?,
+                ))
             }
             (None, None) => {}
             _ => {
@@ -201,7 +215,11 @@ impl TlsFiles {
 /// An endpoint for `addr` ("host:port" or a URL): http:// without TLS,
 /// https:// with it, with connect and keep-alive timeouts so that a dead peer
 /// is an error, not a hang.
-pub fn endpoint(addr: &str, tls: &TlsFiles, connect_timeout: Duration) -> Result<Endpoint, AuthError> {
+pub fn endpoint(
+    addr: &str,
+    tls: &TlsFiles,
+    connect_timeout: Duration,
+) -> Result<Endpoint, AuthError> {
     let bad = |reason: String| AuthError::Address {
         addr: addr.into(),
         reason,
@@ -222,7 +240,10 @@ pub fn endpoint(addr: &str, tls: &TlsFiles, connect_timeout: Duration) -> Result
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20));
     if tls.is_enabled() {
-        let host = hostport.rsplit_once(':').map(|(h, _)| h).unwrap_or(hostport);
+        let host = hostport
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(hostport);
         ep = ep
             .tls_config(tls.client_config(host)?)
             .map_err(|e| AuthError::Tls(e.to_string()))?;
@@ -231,7 +252,11 @@ pub fn endpoint(addr: &str, tls: &TlsFiles, connect_timeout: Duration) -> Result
 }
 
 /// Connect lazily (the first call dials): errors surface per call.
-pub fn channel(addr: &str, tls: &TlsFiles, connect_timeout: Duration) -> Result<Channel, AuthError> {
+pub fn channel(
+    addr: &str,
+    tls: &TlsFiles,
+    connect_timeout: Duration,
+) -> Result<Channel, AuthError> {
     Ok(endpoint(addr, tls, connect_timeout)?.connect_lazy())
 }
 
@@ -241,7 +266,10 @@ mod tests {
 
     #[test]
     fn token_checks_length_and_charset_and_never_prints() {
-        assert!(matches!(Token::new("short", "x"), Err(AuthError::TooShort { .. })));
+        assert!(matches!(
+            Token::new("short", "x"),
+            Err(AuthError::TooShort { .. })
+        ));
         assert!(matches!(
             Token::new("0123456789abcdef\u{e9}", "x"),
             Err(AuthError::NotAscii { .. })
@@ -264,7 +292,9 @@ mod tests {
         let err = check.call(Request::new(())).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
         let mut wrong = AttachToken(Token::generate());
-        let err = check.call(wrong.call(Request::new(())).unwrap()).unwrap_err();
+        let err = check
+            .call(wrong.call(Request::new(())).unwrap())
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
         let mut right = AttachToken(t);
         assert!(check.call(right.call(Request::new(())).unwrap()).is_ok());

@@ -82,14 +82,23 @@ fn assert_close(
     let mut worst = 0f64;
     for (name, ta) in a {
         let (x, y) = (ta.f32s(), b[name].f32s());
-        let norm = y.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
+        let norm = y
+            .iter()
+            .map(|v| (*v as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-30);
         let diff = x
             .iter()
             .zip(&y)
             .map(|(p, q)| (*p as f64 - *q as f64).powi(2))
             .sum::<f64>()
             .sqrt();
-        assert!(diff / norm <= tol, "{name}: relative error {:e} > {tol:e}", diff / norm);
+        assert!(
+            diff / norm <= tol,
+            "{name}: relative error {:e} > {tol:e}",
+            diff / norm
+        );
         worst = worst.max(diff / norm);
     }
     eprintln!("largest relative error of a tensor: {worst:e}");
@@ -99,10 +108,7 @@ fn assert_losses_close(a: &[(u64, f64)], b: &[(u64, f64)], tol: f64) {
     let steps = |v: &[(u64, f64)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
     assert_eq!(steps(a), steps(b), "different logged steps");
     for ((step, x), (_, y)) in a.iter().zip(b) {
-        assert!(
-            ((x - y) / y).abs() <= tol,
-            "step {step}: loss {x} vs {y}"
-        );
+        assert!(((x - y) / y).abs() <= tol, "step {step}: loss {x} vs {y}");
     }
 }
 
@@ -119,7 +125,11 @@ fn two_workers_of_batch_2_train_what_one_worker_of_batch_4_does() {
     // ring. With two ranks each sum has one addition, so this is bitwise.
     rlhf_run(&s, &two_in_one, &["--workers", "1"]);
 
-    let (a, b, c) = (adapter(&s, "two"), adapter(&s, "one"), adapter(&s, "two_in_one"));
+    let (a, b, c) = (
+        adapter(&s, "two"),
+        adapter(&s, "one"),
+        adapter(&s, "two_in_one"),
+    );
     assert_eq!(a, c, "1 process × 2 micro-batches differs from 2 processes");
     // The logged loss crosses the ring as f32 (f64 in one process).
     assert_losses_close(&losses(&s, "two"), &losses(&s, "two_in_one"), 1e-6);
@@ -128,10 +138,15 @@ fn two_workers_of_batch_2_train_what_one_worker_of_batch_4_does() {
     assert_eq!(la.len(), 6);
     assert_losses_close(&la, &lb, 1e-5);
     // It trained: the adapter moved away from B = 0 and the loss fell.
-    assert!(a.iter().any(|(n, t)| n.contains("lora_B") && t.f32s().iter().any(|v| *v != 0.0)));
+    assert!(a
+        .iter()
+        .any(|(n, t)| n.contains("lora_B") && t.f32s().iter().any(|v| *v != 0.0)));
     assert!(la[5].1 < la[0].1, "loss did not fall: {la:?}");
     // Only rank 0 writes; nothing half-written is left behind.
-    assert_eq!(checkpoints(&s.ws.path("two/pt")), ["checkpoint-3", "checkpoint-6"]);
+    assert_eq!(
+        checkpoints(&s.ws.path("two/pt")),
+        ["checkpoint-3", "checkpoint-6"]
+    );
     assert_eq!(temp_files(&s.ws.path("two/pt")), Vec::<String>::new());
 }
 
@@ -189,7 +204,15 @@ impl Cluster {
         let listen = format!("127.0.0.1:{}", self.port);
         let token = self.token_file.to_str().unwrap().to_string();
         let n = self.logs.len();
-        let mut args = vec!["coordinator", "--config", pipeline.to_str().unwrap(), "--listen", &listen, "--token-file", &token];
+        let mut args = vec![
+            "coordinator",
+            "--config",
+            pipeline.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--token-file",
+            &token,
+        ];
         args.extend_from_slice(extra);
         let c = self.spawn(&format!("coordinator-{n}.log"), &args);
         self.coordinator = Some(c);
@@ -204,7 +227,15 @@ impl Cluster {
         let token = self.token_file.to_str().unwrap().to_string();
         let delay = step_delay_ms.to_string();
         let n = self.logs.len();
-        let mut args = vec!["worker", "--coordinator", &url, "--token-file", &token, "--test-step-delay-ms", &delay];
+        let mut args = vec![
+            "worker",
+            "--coordinator",
+            &url,
+            "--token-file",
+            &token,
+            "--test-step-delay-ms",
+            &delay,
+        ];
         args.extend_from_slice(extra);
         let w = self.spawn(&format!("worker-{n}.log"), &args);
         self.workers.push(w);
@@ -213,7 +244,13 @@ impl Cluster {
     fn logs(&self) -> String {
         self.logs
             .iter()
-            .map(|p| format!("==== {}\n{}", p.display(), std::fs::read_to_string(p).unwrap_or_default()))
+            .map(|p| {
+                format!(
+                    "==== {}\n{}",
+                    p.display(),
+                    std::fs::read_to_string(p).unwrap_or_default()
+                )
+            })
             .collect()
     }
 
@@ -224,7 +261,14 @@ impl Cluster {
 
     fn status_with(&self, scheme: &str, extra: &[&str]) -> Option<serde_json::Value> {
         let out = Command::new(BIN)
-            .args(["status", "--coordinator", &format!("{scheme}://127.0.0.1:{}", self.port), "--json", "--token-file", self.token_file.to_str().unwrap()])
+            .args([
+                "status",
+                "--coordinator",
+                &format!("{scheme}://127.0.0.1:{}", self.port),
+                "--json",
+                "--token-file",
+                self.token_file.to_str().unwrap(),
+            ])
             .args(extra)
             .output()
             .ok()?;
@@ -235,7 +279,12 @@ impl Cluster {
     }
 
     /// Poll the status until `pred` holds (panics with the logs after `timeout`).
-    fn wait_status(&self, what: &str, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let start = Instant::now();
         loop {
             if let Some(v) = self.status() {
@@ -244,7 +293,11 @@ impl Cluster {
                 }
             }
             if start.elapsed() > timeout {
-                panic!("timed out waiting for {what}; status {:?}\n{}", self.status(), self.logs());
+                panic!(
+                    "timed out waiting for {what}; status {:?}\n{}",
+                    self.status(),
+                    self.logs()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -259,7 +312,10 @@ impl Cluster {
             }
             if start.elapsed() > timeout {
                 let _ = c.kill();
-                panic!("the coordinator did not finish in {timeout:?}\n{}", self.logs());
+                panic!(
+                    "the coordinator did not finish in {timeout:?}\n{}",
+                    self.logs()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -298,9 +354,13 @@ fn a_worker_killed_mid_stage_is_replaced_by_the_survivor_and_the_result_is_uncha
     // Registration order gives the ranks: the first worker is rank 0, the one
     // that writes checkpoints — the harder one to lose.
     c.start_worker(150);
-    c.wait_status("the first worker", Duration::from_secs(30), |v| registered_workers(v) == 1);
+    c.wait_status("the first worker", Duration::from_secs(30), |v| {
+        registered_workers(v) == 1
+    });
     c.start_worker(150);
-    c.wait_status("a committed checkpoint", Duration::from_secs(60), |v| committed_step(v) >= 2);
+    c.wait_status("a committed checkpoint", Duration::from_secs(60), |v| {
+        committed_step(v) >= 2
+    });
     let killed_at = Instant::now();
     let mut rank0 = c.workers.remove(0);
     rank0.kill().unwrap(); // SIGKILL
@@ -317,7 +377,10 @@ fn a_worker_killed_mid_stage_is_replaced_by_the_survivor_and_the_result_is_uncha
         logs.contains("world=1") && logs.contains("resume=faulty/pt/checkpoint-"),
         "no re-placement from a checkpoint\n{logs}"
     );
-    eprintln!("kill -9 to finished: {:.1} s", killed_at.elapsed().as_secs_f64());
+    eprintln!(
+        "kill -9 to finished: {:.1} s",
+        killed_at.elapsed().as_secs_f64()
+    );
 
     assert_close(&adapter(&s, "faulty"), &adapter(&s, "ref"), 1e-5);
     // Every step logged once, with the uninterrupted run's loss: no sample
@@ -335,9 +398,13 @@ fn a_coordinator_killed_mid_stage_resumes_from_its_journal_and_the_result_is_unc
     let mut c = Cluster::new(&s);
     c.start_coordinator(&faulty);
     c.start_worker(150);
-    c.wait_status("the first worker", Duration::from_secs(30), |v| registered_workers(v) == 1);
+    c.wait_status("the first worker", Duration::from_secs(30), |v| {
+        registered_workers(v) == 1
+    });
     c.start_worker(150);
-    c.wait_status("a committed checkpoint", Duration::from_secs(60), |v| committed_step(v) >= 2);
+    c.wait_status("a committed checkpoint", Duration::from_secs(60), |v| {
+        committed_step(v) >= 2
+    });
     let mut old = c.coordinator.take().unwrap();
     old.kill().unwrap(); // SIGKILL
     old.wait().unwrap();
@@ -371,7 +438,13 @@ fn a_worker_with_the_wrong_token_is_refused() {
     let bad = s.ws.write("bad-token", "ffffffffffffffffffffffffffffffff");
     let out = Command::new(BIN)
         .current_dir(s.ws.path(""))
-        .args(["worker", "--coordinator", &format!("http://127.0.0.1:{}", c.port), "--token-file", bad.to_str().unwrap()])
+        .args([
+            "worker",
+            "--coordinator",
+            &format!("http://127.0.0.1:{}", c.port),
+            "--token-file",
+            bad.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -379,18 +452,28 @@ fn a_worker_with_the_wrong_token_is_refused() {
     assert!(err.contains("refused") && err.contains("token"), "{err}");
     // And `rlhf status` without the right token gets nothing.
     let out = Command::new(BIN)
-        .args(["status", "--coordinator", &format!("http://127.0.0.1:{}", c.port), "--token-file", bad.to_str().unwrap()])
+        .args([
+            "status",
+            "--coordinator",
+            &format!("http://127.0.0.1:{}", c.port),
+            "--token-file",
+            bad.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).to_lowercase().contains("token"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .to_lowercase()
+        .contains("token"));
 }
 
 #[test]
 fn stage_paths_outside_the_worker_root_fail_the_pipeline_with_the_path_named() {
     let s = setup();
     let p = pipeline(&s, "p", 1, 2, 2, 2);
-    let text = std::fs::read_to_string(&p).unwrap().replace("output_dir = \"p/pt\"", "output_dir = \"../escape\"");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("output_dir = \"p/pt\"", "output_dir = \"../escape\"");
     std::fs::write(&p, text).unwrap();
     let out = Command::new(BIN)
         .current_dir(s.ws.path(""))
@@ -440,7 +523,11 @@ fn with_mutual_tls_a_pipeline_runs_and_clients_without_the_ca_are_refused() {
     // without a certificate are all refused.
     assert!(c.status().is_none(), "plain-text status answered");
     assert!(
-        c.status_with("https", &["--tls-ca", &other, "--tls-cert", &cert, "--tls-key", &key]).is_none(),
+        c.status_with(
+            "https",
+            &["--tls-ca", &other, "--tls-cert", &cert, "--tls-key", &key]
+        )
+        .is_none(),
         "a client trusting another CA accepted the server"
     );
     assert!(

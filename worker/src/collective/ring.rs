@@ -11,7 +11,7 @@
 //! rank ends with the same bits, run after run.
 
 use super::error::CollectiveError;
-use super::layout::{add_from_le, chunks, copy_from_le, recv_segment, segment, to_le_bytes};
+use super::layout::{add_le, chunks, copy_from_le, recv_segment, segment, BufPool};
 use super::server::{CollectiveServer, Inbound, Registry};
 use super::HostAllReduce;
 use rlhf_proto::auth::{endpoint, AttachToken, TlsFiles, Token};
@@ -93,6 +93,8 @@ pub struct RingAllReduce {
     /// Sequence number of the next all-reduce in this generation.
     op: u64,
     failed: Option<CollectiveError>,
+    /// Buffers of the chunks this rank sends, reused once sent.
+    pool: BufPool,
 }
 
 impl RingAllReduce {
@@ -146,6 +148,7 @@ impl RingAllReduce {
             out: None,
             op: 0,
             failed: None,
+            pool: BufPool::default(),
         };
         if world == 1 {
             return Ok(ring);
@@ -242,13 +245,9 @@ impl RingAllReduce {
         let mut own = chunks(segment(total, world, rank), self.chunk_elems).peekable();
         let mut ticker = tokio::time::interval(ABORT_POLL);
         let mut deadline = Instant::now() + self.io_timeout;
-        let prof = std::env::var_os("RLHF_RING_PROFILE").is_some();
-        let (mut t_wait, mut t_red, mut t_send) = (0f64, 0f64, 0f64);
-        let t_all = std::time::Instant::now();
         for step in 0..steps {
             let seg = segment(total, world, recv_segment(rank, world, step));
             for expect in chunks(seg, self.chunk_elems) {
-                let t0 = std::time::Instant::now();
                 let chunk = loop {
                     if self.abort.load(Ordering::Relaxed) {
                         return Err(CollectiveError::Aborted);
@@ -276,7 +275,7 @@ impl RingAllReduce {
                         }),
                         _ = std::future::ready(()), if pending => {
                             if let Some(r) = own.next() {
-                                self.send(op, 0, &r, total, to_le_bytes(&data[r.clone()]))?;
+                                self.send(op, 0, &r, total, self.pool.le_bytes(&data[r.clone()]))?;
                             }
                             deadline = Instant::now() + self.io_timeout;
                         }
@@ -290,37 +289,24 @@ impl RingAllReduce {
                         }
                     }
                 };
-                let t1 = std::time::Instant::now();
-                t_wait += (t1 - t0).as_secs_f64();
                 deadline = Instant::now() + self.io_timeout;
                 self.check(&chunk, op, step, &expect, total)?;
                 let local = &mut data[expect.clone()];
                 let fwd = if step < world - 1 {
-                    add_from_le(local, &chunk.data)
+                    add_le(local, &chunk.data);
+                    self.pool.le_bytes(local)
                 } else {
                     copy_from_le(local, &chunk.data);
                     chunk.data
                 };
-                let t2 = std::time::Instant::now();
-                t_red += (t2 - t1).as_secs_f64();
                 if step + 1 < steps {
                     // The stream is in schedule order: the rest of step 0 goes first.
                     for r in own.by_ref() {
-                        self.send(op, 0, &r, total, to_le_bytes(&data[r.clone()]))?;
+                        self.send(op, 0, &r, total, self.pool.le_bytes(&data[r.clone()]))?;
                     }
                     self.send(op, step + 1, &expect, total, fwd)?;
                 }
-                t_send += t2.elapsed().as_secs_f64();
             }
-        }
-        if prof {
-            eprintln!(
-                "rank {rank} op {op}: total {:.1} ms wait {:.1} reduce {:.1} send {:.1}",
-                t_all.elapsed().as_secs_f64() * 1e3,
-                t_wait * 1e3,
-                t_red * 1e3,
-                t_send * 1e3
-            );
         }
         // Our own chunks all went out before the first forward, and the ring
         // cannot complete without them.

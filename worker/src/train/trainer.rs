@@ -616,7 +616,9 @@ mod tests {
                         let step = &order[step_start..(step_start + global).min(n)];
                         let mut in_step = Vec::new();
                         for rank in 0..world {
-                            for r in rank_micro_batches(step.len(), bs, global.div_ceil(bs), rank, world) {
+                            for r in
+                                rank_micro_batches(step.len(), bs, global.div_ceil(bs), rank, world)
+                            {
                                 assert!(r.len() <= bs);
                                 in_step.extend_from_slice(&step[r]);
                             }
@@ -629,7 +631,10 @@ mod tests {
                             seen[i] += 1;
                         }
                     }
-                    assert!(seen.iter().all(|&c| c == 1), "n {n} global {global} bs {bs} world {world}: {seen:?}");
+                    assert!(
+                        seen.iter().all(|&c| c == 1),
+                        "n {n} global {global} bs {bs} world {world}: {seen:?}"
+                    );
                     assert_eq!(steps.len(), n.div_ceil(global));
                     // The same samples in each step as with one rank.
                     let one: Vec<Vec<usize>> = (0..n)

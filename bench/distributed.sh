@@ -103,6 +103,6 @@ step = next(ts(l) for l in w0[i:] if "train step" in l)
 hb = name.split("-")[1]
 print(f"| {int(hb)/1000:.0f} s | {dead - killed:.2f} s | {step - killed:.2f} s |")
 EOF
-  kill "$(jobs -p)" 2>/dev/null || true
+  kill $(jobs -p) 2>/dev/null || true
   wait 2>/dev/null || true
 done

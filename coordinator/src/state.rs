@@ -679,8 +679,17 @@ impl Core {
                     || (!strict && all_idle && now.duration_since(*since) >= self.timeout())
             }
             Phase::Recovering { since, .. } => {
+                // A worker that is neither idle nor heart-beating for two
+                // intervals is presumed gone for this placement (it is still
+                // declared dead only after the timeout): recovery takes about
+                // two heartbeat intervals, not the whole timeout.
+                let busy_silent = g
+                    .workers
+                    .iter()
+                    .filter(|w| !w.idle)
+                    .all(|w| now.duration_since(w.last_seen) >= 2 * self.interval());
                 let waited = now.duration_since(*since);
-                waited >= self.interval() && (all_idle || waited >= self.timeout())
+                waited >= self.interval() && (all_idle || busy_silent || waited >= self.timeout())
             }
             _ => false,
         };

@@ -128,6 +128,8 @@ struct Fleet {
     token: Token,
     children: Vec<Child>,
     restarts: usize,
+    /// Compute threads per worker: the machine's cores / workers.
+    threads_each: usize,
 }
 
 impl Fleet {
@@ -137,6 +139,11 @@ impl Fleet {
             token: token.clone(),
             children: Vec::new(),
             restarts: 0,
+            threads_each: std::thread::available_parallelism()
+                .map(|p| p.get())
+                .unwrap_or(1)
+                .div_ceil(n.max(1))
+                .max(1),
         };
         for _ in 0..n {
             let c = f.spawn()?;
@@ -147,12 +154,16 @@ impl Fleet {
 
     fn spawn(&self) -> Result<Child> {
         let exe = std::env::current_exe().context("finding the rlhf binary")?;
-        Command::new(exe)
-            .args(["worker", "--coordinator", &self.url, "--root", "."])
+        let mut cmd = Command::new(exe);
+        cmd.args(["worker", "--coordinator", &self.url, "--root", "."])
             .env(TOKEN_ENV, self.token.as_str())
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting a worker process")
+            .stdin(Stdio::null());
+        // N workers on one machine share its cores: each gets its share of
+        // compute threads instead of all of them (unless the user chose).
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            cmd.env("RAYON_NUM_THREADS", self.threads_each.to_string());
+        }
+        cmd.spawn().context("starting a worker process")
     }
 
     /// Replace workers that exited with an error (a crash or a kill).

@@ -500,16 +500,7 @@ pub fn train_dist<B: Backend>(
             && args.eval_steps.is_some_and(|e| e > 0 && step % e == 0)
             && step < total_steps
         {
-            let r = evaluate_sharded(
-                model,
-                eval,
-                args.per_device_eval_batch_size,
-                pad_id,
-                dist.collective,
-            )?;
-            if let Some(m) = metrics.as_mut() {
-                log_eval(m, step, &r)?;
-            }
+            let r = eval_and_log(model, eval, args, pad_id, dist, metrics.as_mut(), step)?;
             if is_main {
                 dist.hooks.on_log(&LogRecord {
                     step,
@@ -572,17 +563,7 @@ pub fn train_dist<B: Backend>(
     let eval_result = if eval.is_empty() {
         None
     } else {
-        let r = evaluate_sharded(
-            model,
-            eval,
-            args.per_device_eval_batch_size,
-            pad_id,
-            dist.collective,
-        )?;
-        if let Some(m) = metrics.as_mut() {
-            log_eval(m, step, &r)?;
-        }
-        Some(r)
+        Some(eval_and_log(model, eval, args, pad_id, dist, metrics.as_mut(), step)?)
     };
     Ok(TrainSummary {
         global_step: step,
@@ -591,6 +572,29 @@ pub fn train_dist<B: Backend>(
         eval: eval_result,
         tokens_per_sec: tokens_seen as f64 / t0.elapsed().as_secs_f64().max(1e-9),
     })
+}
+
+/// Evaluate across the ranks; rank 0 (the one with `metrics`) logs it.
+fn eval_and_log<B: Backend>(
+    model: &mut Llama<B>,
+    eval: &[Sample],
+    args: &TrainArgs,
+    pad_id: u32,
+    dist: &mut Dist<'_, B>,
+    metrics: Option<&mut Metrics>,
+    step: u64,
+) -> Result<EvalResult> {
+    let r = evaluate_sharded(
+        model,
+        eval,
+        args.per_device_eval_batch_size,
+        pad_id,
+        dist.collective,
+    )?;
+    if let Some(m) = metrics {
+        log_eval(m, step, &r)?;
+    }
+    Ok(r)
 }
 
 fn log_eval(metrics: &mut Metrics, step: u64, r: &EvalResult) -> Result<()> {

@@ -6,9 +6,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        // Chunk payloads as `Bytes`: decoding slices the receive buffer and a
-        // rank forwards an all-gather chunk without copying it.
-        .bytes(".rlhf.v1.RingChunk.data")
         .compile_fds(fds)?;
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

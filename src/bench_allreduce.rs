@@ -1,4 +1,4 @@
-//! `rlhf bench-allreduce`: the ring all-reduce over real gRPC on loopback
+//! `rlhf bench-allreduce`: the ring all-reduce over real TCP on loopback
 //! against two plain-TCP baselines, in NCCL's terms (algorithm and bus
 //! bandwidth).
 //!
@@ -202,8 +202,8 @@ fn run_ranks(args: &BenchAllreduceArgs, kind: &str, world: usize, elems: usize) 
         for p in procs.iter_mut() {
             p.say("end")?;
         }
-        // Two phases: a rank that closed its stream must stay up until its
-        // left neighbour has closed the stream into it too.
+        // Two phases: a rank that closed its connection must stay up until
+        // its left neighbour has closed the connection into it too.
         for p in procs.iter_mut() {
             let l = p.line()?;
             anyhow::ensure!(l == "closed", "rank ended with {l:?}");
@@ -274,7 +274,7 @@ fn rank_main(args: &BenchAllreduceArgs, kind: &str) -> Result<()> {
                 }
             }
             ring.close()?;
-            // Serve the left neighbour's stream until every rank has closed.
+            // Serve the left neighbour's connection until every rank has closed.
             writeln!(out, "closed")?;
             out.flush()?;
             anyhow::ensure!(next()? == "exit", "expected `exit`");
@@ -382,7 +382,7 @@ pub fn run(args: &BenchAllreduceArgs) -> Result<()> {
         }
     }
     let report = serde_json::json!({
-        "what": "ring all-reduce over gRPC on loopback (one process per rank, each with its own tokio runtime + collective server) vs one TCP stream copy and vs a raw TCP ring (W processes each streaming 2(W-1)/W*N bytes to the right neighbour)",
+        "what": "ring all-reduce (plain TCP per ring link, 40-byte frame headers) on loopback (one process per rank, each with its own tokio runtime + collective server) vs one TCP stream copy and vs a raw TCP ring (W processes each streaming 2(W-1)/W*N bytes to the right neighbour)",
         "rounds": args.rounds, "chunk_kb": args.chunk_kb, "threads_per_rank": args.threads,
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "rows": rows,

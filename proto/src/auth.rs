@@ -108,17 +108,19 @@ impl Token {
 
     /// Whether an `authorization` header value carries this token (constant time).
     pub fn matches_header(&self, value: &[u8]) -> bool {
-        let want = format!("Bearer {}", self.0);
-        let want = want.as_bytes();
-        if value.len() != want.len() {
-            return false;
-        }
-        value
-            .iter()
-            .zip(want)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+        ct_eq(value, format!("Bearer {}", self.0).as_bytes())
     }
+
+    /// Whether `candidate` is this token (constant time in the contents; the
+    /// length is not secret).
+    pub fn matches(&self, candidate: &str) -> bool {
+        ct_eq(candidate.as_bytes(), self.0.as_bytes())
+    }
+}
+
+/// Byte equality that looks at every byte whatever the first difference.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Server side: refuse any request without the token with UNAUTHENTICATED.
@@ -280,6 +282,10 @@ mod tests {
         assert!(t.matches_header(b"Bearer 0123456789abcdef"));
         assert!(!t.matches_header(b"Bearer 0123456789abcdeF"));
         assert!(!t.matches_header(b"Bearer 0123456789abcde"));
+        assert!(t.matches("0123456789abcdef"));
+        assert!(!t.matches("0123456789abcdeF"));
+        assert!(!t.matches("0123456789abcdef0"));
+        assert!(!t.matches(""));
         let g = Token::generate();
         assert_eq!(g.as_str().len(), 32);
         assert_ne!(g, Token::generate());

@@ -1,14 +1,16 @@
-//! The ring all-reduce over real gRPC on loopback: several ranks as threads,
+//! The ring all-reduce over real TCP on loopback: several ranks as threads,
 //! each with its own collective server, as separate worker processes would be.
 
-use rlhf_proto::auth::{AttachToken, Token};
-use rlhf_proto::v1::collective_client::CollectiveClient;
-use rlhf_proto::v1::RingChunk;
+use prost::Message;
+use rlhf_proto::auth::{TlsFiles, Token, MAX_CHUNK_MESSAGE};
+use rlhf_proto::v1::{ring_status, RingHello, RingStatus};
 use rlhf_worker::collective::{
     CollectiveError, CollectiveServer, HostAllReduce, RingAllReduce, RingConfig, ServerConfig,
 };
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 
 fn runtime() -> Runtime {
@@ -159,71 +161,202 @@ fn world_one_is_a_no_op_without_network() {
     assert_eq!(x, [1.0, 2.0, 3.0]);
 }
 
-fn one_chunk(generation: u64) -> RingChunk {
-    RingChunk {
+/// Dial `addr` and run the ring handshake by hand (a length-prefixed
+/// `RingHello`); the listener's answer, or None if it closed the connection.
+async fn handshake(addr: &str, hello: &RingHello) -> (Option<RingStatus>, TcpStream) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let body = hello.encode_to_vec();
+    s.write_all(&(body.len() as u32).to_le_bytes())
+        .await
+        .unwrap();
+    s.write_all(&body).await.unwrap();
+    let mut len = [0u8; 4];
+    if s.read_exact(&mut len).await.is_err() {
+        return (None, s);
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    // Not a status frame (a TLS listener may answer with an alert).
+    if len > 4096 {
+        return (None, s);
+    }
+    let mut b = vec![0u8; len];
+    if s.read_exact(&mut b).await.is_err() {
+        return (None, s);
+    }
+    (RingStatus::decode(b.as_slice()).ok(), s)
+}
+
+fn hello(token: &str, generation: u64, from_rank: u32) -> RingHello {
+    RingHello {
+        token: token.into(),
         generation,
-        from_rank: 1,
-        op: 0,
-        step: 0,
-        offset: 0,
-        total_len: 1,
-        data: vec![0u8; 4].into(),
+        from_rank,
+        world_size: 2,
+    }
+}
+
+fn ring_error(ring: &mut RingAllReduce, n: usize) -> CollectiveError {
+    let err = ring.all_reduce_sum_host(&mut vec![1.0; n]).unwrap_err();
+    err.downcast_ref::<CollectiveError>()
+        .expect("a CollectiveError")
+        .clone()
+}
+
+#[test]
+fn handshakes_without_the_token_or_with_a_wrong_one_are_unauthenticated() {
+    let rt = runtime();
+    let token = Token::generate();
+    let (srv, peers) = servers(&rt, 2, &token);
+    // Rank 1 runs generation 1, so only the token can be wrong.
+    let _r1 =
+        RingAllReduce::new(&srv[1], rt.handle().clone(), config(1, &peers, &token, 1)).unwrap();
+    rt.block_on(async {
+        for (bad, what) in [
+            (String::new(), "no token"),
+            (Token::generate().as_str().to_string(), "wrong token"),
+        ] {
+            let (st, _) = handshake(&peers[1], &hello(&bad, 1, 0)).await;
+            let st = st.expect("a status frame");
+            assert_eq!(st.code(), ring_status::Code::Unauthenticated, "{st:?}");
+            assert!(st.message.contains(what), "{}", st.message);
+        }
+        let (st, _) = handshake(&peers[1], &hello(&token.as_str()[1..], 1, 0)).await;
+        assert_eq!(st.unwrap().code(), ring_status::Code::Unauthenticated);
+    });
+    // A ring with the wrong token learns why its neighbour refused it.
+    let mut cfg = config(0, &peers, &Token::generate(), 2);
+    cfg.io_timeout = Duration::from_secs(5);
+    let mut r0 = RingAllReduce::new(&srv[0], rt.handle().clone(), cfg).unwrap();
+    let t = Instant::now();
+    let e = ring_error(&mut r0, 1000);
+    assert!(
+        matches!(e, CollectiveError::Unauthenticated { .. }),
+        "{e:?}"
+    );
+    assert!(!e.is_retryable());
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_stale_generation_is_refused() {
+    let rt = runtime();
+    let token = Token::generate();
+    let (srv, peers) = servers(&rt, 2, &token);
+    // Rank 1 runs generation 5; a rank still on generation 4 dials it.
+    let _r1 =
+        RingAllReduce::new(&srv[1], rt.handle().clone(), config(1, &peers, &token, 5)).unwrap();
+    rt.block_on(async {
+        let (st, _) = handshake(&peers[1], &hello(token.as_str(), 4, 0)).await;
+        let st = st.expect("a status frame");
+        assert_eq!(st.code(), ring_status::Code::GenerationRefused, "{st:?}");
+        assert!(st.message.contains("stale generation 4"), "{}", st.message);
+        // The right generation from the wrong rank is refused too.
+        let (st, _) = handshake(&peers[1], &hello(token.as_str(), 5, 1)).await;
+        assert_eq!(st.unwrap().code(), ring_status::Code::BadRequest);
+    });
+    let mut r0 =
+        RingAllReduce::new(&srv[0], rt.handle().clone(), config(0, &peers, &token, 4)).unwrap();
+    let e = ring_error(&mut r0, 1000);
+    assert!(
+        matches!(e, CollectiveError::GenerationRefused { generation: 4, .. }),
+        "{e:?}"
+    );
+    assert!(e.is_retryable());
+}
+
+#[test]
+fn a_header_announcing_too_big_a_chunk_is_a_protocol_error() {
+    let rt = runtime();
+    let token = Token::generate();
+    let (srv, peers) = servers(&rt, 2, &token);
+    let mut r1 =
+        RingAllReduce::new(&srv[1], rt.handle().clone(), config(1, &peers, &token, 1)).unwrap();
+    let _conn = rt.block_on(async {
+        let (st, mut s) = handshake(&peers[1], &hello(token.as_str(), 1, 0)).await;
+        assert_eq!(st.unwrap().code(), ring_status::Code::Ok);
+        let mut h = [0u8; 40];
+        h[24..32].copy_from_slice(&1000u64.to_le_bytes());
+        h[32..36].copy_from_slice(&(MAX_CHUNK_MESSAGE as u32 + 1).to_le_bytes());
+        s.write_all(&h).await.unwrap();
+        s
+    });
+    let e = ring_error(&mut r1, 1000);
+    assert!(matches!(e, CollectiveError::Protocol { .. }), "{e:?}");
+    assert!(!e.is_retryable());
+}
+
+/// Test-only certificates (tests/fixtures/tls/README.md).
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/tls")
+        .join(name)
+}
+
+fn mutual_tls(ca: &str) -> TlsFiles {
+    TlsFiles {
+        cert: Some(fixture("node.pem")),
+        key: Some(fixture("node.key")),
+        ca: Some(fixture(ca)),
+        domain: None,
     }
 }
 
 #[test]
-fn calls_without_the_token_or_with_a_wrong_one_are_unauthenticated() {
+fn with_tls_the_ring_sums_and_other_cas_are_refused() {
     let rt = runtime();
     let token = Token::generate();
-    let (srv, _) = servers(&rt, 1, &token);
-    let url = format!("http://{}", srv[0].local_addr());
+    let world = 3;
+    let srv: Vec<_> = (0..world)
+        .map(|_| {
+            let mut c = ServerConfig::new(token.clone());
+            c.tls = mutual_tls("ca.pem");
+            CollectiveServer::start_blocking(rt.handle(), c).unwrap()
+        })
+        .collect();
+    let peers: Vec<String> = srv.iter().map(|s| s.local_addr().to_string()).collect();
+    let rings: Vec<_> = (0..world)
+        .map(|r| {
+            let mut c = config(r, &peers, &token, 1);
+            c.tls = mutual_tls("ca.pem");
+            RingAllReduce::new(&srv[r], rt.handle().clone(), c).unwrap()
+        })
+        .collect();
+    let threads: Vec<_> = rings
+        .into_iter()
+        .enumerate()
+        .map(|(r, mut ring)| {
+            std::thread::spawn(move || {
+                let mut x: Vec<f32> = (0..10_007).map(|i| (i % 97 + r) as f32).collect();
+                ring.all_reduce_sum_host(&mut x).unwrap();
+                ring.close().unwrap();
+                x
+            })
+        })
+        .collect();
+    for t in threads {
+        let x = t.join().unwrap();
+        for (i, v) in x.iter().enumerate() {
+            assert_eq!(*v, (3 * (i % 97) + 3) as f32, "[{i}]");
+        }
+    }
+    // A rank that trusts another CA does not accept its neighbour's certificate.
+    let mut c = config(0, &peers, &token, 2);
+    c.tls = mutual_tls("other-ca.pem");
+    c.io_timeout = Duration::from_secs(5);
+    let mut r0 = RingAllReduce::new(&srv[0], rt.handle().clone(), c).unwrap();
+    let e = ring_error(&mut r0, 1000);
+    assert!(
+        matches!(&e, CollectiveError::PeerLost { detail, .. } if detail.contains("TLS")),
+        "{e:?}"
+    );
+    // A plain-TCP handshake to a TLS port gets no answer.
     rt.block_on(async {
-        let mut bare = CollectiveClient::connect(url.clone()).await.unwrap();
-        let st = bare
-            .ring(tokio_stream::iter(vec![one_chunk(1)]))
-            .await
-            .unwrap_err();
-        assert_eq!(st.code(), tonic::Code::Unauthenticated);
-        let ch = tonic::transport::Endpoint::from_shared(url)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut wrong = CollectiveClient::with_interceptor(ch, AttachToken(Token::generate()));
-        let st = wrong
-            .ring(tokio_stream::iter(vec![one_chunk(1)]))
-            .await
-            .unwrap_err();
-        assert_eq!(st.code(), tonic::Code::Unauthenticated);
-    });
-}
-
-#[test]
-fn a_chunk_of_a_stale_generation_is_refused() {
-    let rt = runtime();
-    let token = Token::generate();
-    let (srv, peers) = servers(&rt, 2, &token);
-    // Rank 1 runs generation 5; a rank still on generation 4 streams to it.
-    let _ring =
-        RingAllReduce::new(&srv[1], rt.handle().clone(), config(1, &peers, &token, 5)).unwrap();
-    let url = format!("http://{}", srv[1].local_addr());
-    rt.block_on(async {
-        let ch = tonic::transport::Endpoint::from_shared(url)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut c = CollectiveClient::with_interceptor(ch, AttachToken(token.clone()));
-        let st = c
-            .ring(tokio_stream::iter(vec![one_chunk(4)]))
-            .await
-            .unwrap_err();
-        assert_eq!(st.code(), tonic::Code::FailedPrecondition, "{st:?}");
-        assert!(
-            st.message().contains("stale generation 4"),
-            "{}",
-            st.message()
-        );
+        let (st, _) = handshake(&peers[1], &hello(token.as_str(), 2, 0)).await;
+        assert!(st.is_none(), "{st:?}");
     });
 }
 

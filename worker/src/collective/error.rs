@@ -4,11 +4,10 @@
 //! bad configuration, a protocol bug).
 
 use std::time::Duration;
-use tonic::{Code, Status};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CollectiveError {
-    /// The connection to a neighbour failed or it closed its stream mid-generation.
+    /// The connection to a neighbour failed or it closed it mid-generation.
     #[error("collective peer {peer} lost: {detail}")]
     PeerLost { peer: String, detail: String },
     /// A neighbour sent nothing for longer than the I/O timeout.
@@ -60,22 +59,6 @@ impl CollectiveError {
             | CollectiveError::Server(_) => false,
         }
     }
-
-    /// Classify a gRPC status that a neighbour (or the transport) returned.
-    pub(crate) fn from_status(peer: &str, generation: u64, st: &Status) -> CollectiveError {
-        let peer = peer.to_string();
-        let detail = format!("{:?}: {}", st.code(), st.message());
-        match st.code() {
-            Code::Unauthenticated => CollectiveError::Unauthenticated { peer, detail },
-            Code::FailedPrecondition | Code::AlreadyExists => CollectiveError::GenerationRefused {
-                peer,
-                generation,
-                detail,
-            },
-            Code::InvalidArgument => CollectiveError::Protocol { peer, detail },
-            _ => CollectiveError::PeerLost { peer, detail },
-        }
-    }
 }
 
 #[cfg(test)]
@@ -83,16 +66,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn statuses_map_to_retryable_or_not() {
-        let e = CollectiveError::from_status("p", 3, &Status::unauthenticated("x"));
-        assert!(matches!(e, CollectiveError::Unauthenticated { .. }) && !e.is_retryable());
-        let e = CollectiveError::from_status("p", 3, &Status::unavailable("x"));
-        assert!(matches!(e, CollectiveError::PeerLost { .. }) && e.is_retryable());
-        let e = CollectiveError::from_status("p", 3, &Status::failed_precondition("x"));
-        assert!(matches!(
-            e,
-            CollectiveError::GenerationRefused { generation: 3, .. }
-        ));
+    fn retryable_or_not() {
+        let (peer, detail) = (String::from("p"), String::from("x"));
+        let unauth = CollectiveError::Unauthenticated {
+            peer: peer.clone(),
+            detail: detail.clone(),
+        };
+        assert!(!unauth.is_retryable());
+        let lost = CollectiveError::PeerLost {
+            peer: peer.clone(),
+            detail: detail.clone(),
+        };
+        assert!(lost.is_retryable());
+        let gen = CollectiveError::GenerationRefused {
+            peer,
+            generation: 3,
+            detail,
+        };
+        assert!(gen.is_retryable());
         assert!(CollectiveError::Poisoned(Box::new(CollectiveError::Aborted)).is_retryable());
         let any: anyhow::Error = CollectiveError::Aborted.into();
         assert!(matches!(

@@ -2,14 +2,15 @@
 //!
 //! The trainer sees only [`Collective`]: an element-wise sum over ranks that
 //! leaves the same bits on every rank. [`Single`] is the one-process case;
-//! [`ring::RingAllReduce`] streams chunks around a ring of workers over gRPC
-//! (CPU workers); the CUDA backend implements the same trait with NCCL on
+//! [`ring::RingAllReduce`] streams chunks around a ring of workers over plain
+//! TCP or TLS connections (CPU workers); the CUDA backend implements the same trait with NCCL on
 //! device buffers, which is why the trait takes the backend's buffers.
 
 pub mod error;
 pub mod layout;
 pub mod ring;
 pub mod server;
+mod wire;
 
 pub use error::CollectiveError;
 pub use ring::{RingAllReduce, RingConfig};

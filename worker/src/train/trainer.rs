@@ -563,7 +563,15 @@ pub fn train_dist<B: Backend>(
     let eval_result = if eval.is_empty() {
         None
     } else {
-        Some(eval_and_log(model, eval, args, pad_id, dist, metrics.as_mut(), step)?)
+        Some(eval_and_log(
+            model,
+            eval,
+            args,
+            pad_id,
+            dist,
+            metrics.as_mut(),
+            step,
+        )?)
     };
     Ok(TrainSummary {
         global_step: step,

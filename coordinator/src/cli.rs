@@ -10,59 +10,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// TLS flags of a client (`rlhf status`).
-#[derive(clap::Args, Clone, Debug, Default)]
-pub struct TlsArgs {
-    /// PEM certificate (server: its identity; client: for mutual TLS).
-    #[arg(long = "tls-cert")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
-    #[arg(long = "tls-key")]
-    pub tls_key: Option<PathBuf>,
-    /// PEM CA (server: require client certificates it signed; client: trust the server's).
-    #[arg(long = "tls-ca")]
-    pub tls_ca: Option<PathBuf>,
-    /// Name to check the server's certificate against (client; default: the address's host).
-    #[arg(long = "tls-domain")]
-    pub tls_domain: Option<String>,
-}
-
-/// TLS flags of a server.
-#[derive(clap::Args, Clone, Debug, Default)]
-pub struct ServerTlsArgs {
-    /// PEM certificate: the coordinator's identity (with --tls-key: serve TLS).
-    #[arg(long = "tls-cert")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
-    #[arg(long = "tls-key")]
-    pub tls_key: Option<PathBuf>,
-    /// PEM CA: require client certificates it signed (mutual TLS).
-    #[arg(long = "tls-ca")]
-    pub tls_ca: Option<PathBuf>,
-}
-
-impl ServerTlsArgs {
-    pub fn files(&self) -> TlsFiles {
-        TlsFiles {
-            cert: self.tls_cert.clone(),
-            key: self.tls_key.clone(),
-            ca: self.tls_ca.clone(),
-            domain: None,
-        }
-    }
-}
-
-impl TlsArgs {
-    pub fn files(&self) -> TlsFiles {
-        TlsFiles {
-            cert: self.tls_cert.clone(),
-            key: self.tls_key.clone(),
-            ca: self.tls_ca.clone(),
-            domain: self.tls_domain.clone(),
-        }
-    }
-}
-
 /// `rlhf coordinator`: drive a pipeline on the workers that register.
 #[derive(clap::Args, Clone, Debug)]
 pub struct CoordinatorArgs {
@@ -79,7 +26,7 @@ pub struct CoordinatorArgs {
     #[arg(long = "token-file")]
     pub token_file: Option<PathBuf>,
     #[command(flatten)]
-    pub tls: ServerTlsArgs,
+    pub tls: TlsFiles,
     /// Journal directory (default: the pipeline's [cluster] state_dir).
     #[arg(long = "state-dir")]
     pub state_dir: Option<PathBuf>,
@@ -98,7 +45,7 @@ pub fn run_coordinator(args: &CoordinatorArgs) -> Result<()> {
         listen: args.listen,
         http: args.http,
         token,
-        tls: args.tls.files(),
+        tls: args.tls.clone(),
         state_dir,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -145,7 +92,7 @@ pub struct StatusArgs {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
-    pub tls: TlsArgs,
+    pub tls: TlsFiles,
 }
 
 /// Fetch the coordinator's status document.
@@ -175,7 +122,7 @@ pub fn run_status(args: &StatusArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let json = rt.block_on(fetch_status(&args.coordinator, token, &args.tls.files()))?;
+    let json = rt.block_on(fetch_status(&args.coordinator, token, &args.tls.clone()))?;
     if args.json {
         println!("{json}");
         return Ok(());

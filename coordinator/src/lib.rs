@@ -13,8 +13,7 @@ mod server;
 mod state;
 
 pub use cli::{
-    fetch_status, render_status, run_coordinator, run_status, CoordinatorArgs, ServerTlsArgs,
-    StatusArgs, TlsArgs,
+    fetch_status, render_status, run_coordinator, run_status, CoordinatorArgs, StatusArgs,
 };
 pub use rlhf_proto::v1 as proto;
 pub use server::{

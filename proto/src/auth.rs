@@ -150,14 +150,22 @@ impl Interceptor for AttachToken {
     }
 }
 
-/// PEM files for TLS. A server needs cert+key (and ca to require client
+/// PEM files for TLS, and the command-line flags that give them (the same
+/// on every subcommand). A server needs cert+key (and ca to require client
 /// certificates); a client needs ca (and cert+key for mutual TLS).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(clap::Args, Clone, Debug, Default, PartialEq, Eq)]
 pub struct TlsFiles {
+    /// PEM certificate: this process's identity (a server's; a client's for mutual TLS).
+    #[arg(long = "tls-cert")]
     pub cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long = "tls-key")]
     pub key: Option<PathBuf>,
+    /// PEM CA: the servers a client trusts; a server requires client certificates it signed.
+    #[arg(long = "tls-ca")]
     pub ca: Option<PathBuf>,
-    /// The name the server's certificate is checked against (default: the URL's host).
+    /// Clients: the name the server's certificate is checked against (default: the address's host).
+    #[arg(long = "tls-domain")]
     pub domain: Option<String>,
 }
 

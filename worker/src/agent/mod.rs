@@ -52,26 +52,8 @@ pub struct WorkerArgs {
     /// so a test can kill a process in the middle of a stage.
     #[arg(long = "test-step-delay-ms", default_value_t = 0, hide = true)]
     pub test_step_delay_ms: u64,
-    #[arg(long = "tls-cert")]
-    pub tls_cert: Option<PathBuf>,
-    #[arg(long = "tls-key")]
-    pub tls_key: Option<PathBuf>,
-    #[arg(long = "tls-ca")]
-    pub tls_ca: Option<PathBuf>,
-    /// Name the coordinator's and peers' certificates are checked against (default: their host).
-    #[arg(long = "tls-domain")]
-    pub tls_domain: Option<String>,
-}
-
-impl WorkerArgs {
-    pub fn tls(&self) -> TlsFiles {
-        TlsFiles {
-            cert: self.tls_cert.clone(),
-            key: self.tls_key.clone(),
-            ca: self.tls_ca.clone(),
-            domain: self.tls_domain.clone(),
-        }
-    }
+    #[command(flatten)]
+    pub tls: TlsFiles,
 }
 
 /// What the heartbeat task and the stage thread share.
@@ -107,7 +89,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
 }
 
 async fn worker_main(args: &WorkerArgs, token: Token, root: PathBuf) -> Result<()> {
-    let tls = args.tls();
+    let tls = args.tls.clone();
     let mut server_cfg = ServerConfig::new(token.clone());
     server_cfg.listen = args.listen.clone();
     server_cfg.tls = tls.clone();

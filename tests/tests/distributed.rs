@@ -540,3 +540,40 @@ fn with_mutual_tls_a_pipeline_runs_and_clients_without_the_ca_are_refused() {
     assert!(st.success(), "TLS pipeline failed\n{}", c.logs());
     assert_eq!(losses(&s, "tls").len(), 4);
 }
+
+#[test]
+fn workers_started_before_the_coordinator_wait_for_it() {
+    let s = setup();
+    let p = pipeline(&s, "early", 2, 2, 4, 2);
+    let mut c = Cluster::new(&s);
+    c.start_worker(0);
+    c.start_worker(0);
+    std::thread::sleep(Duration::from_millis(1500));
+    for w in &mut c.workers {
+        assert!(
+            w.try_wait().unwrap().is_none(),
+            "a worker gave up on the coordinator\n{}",
+            c.logs()
+        );
+    }
+    c.start_coordinator(&p);
+    let st = c.wait_coordinator(Duration::from_secs(120));
+    assert!(st.success(), "pipeline failed\n{}", c.logs());
+    assert!(c.logs().contains("waiting for the coordinator"));
+    assert_eq!(losses(&s, "early").len(), 4);
+    // Told the pipeline is over, the workers exit by themselves, successfully.
+    for w in &mut c.workers {
+        let start = Instant::now();
+        let st = loop {
+            if let Some(st) = w.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "a worker did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(st.success());
+    }
+}

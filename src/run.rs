@@ -67,6 +67,9 @@ pub fn run(a: &RunArgs) -> Result<()> {
         );
     }
     let token = Token::generate();
+    // For `rlhf status` and the HTTP status while the run goes on (owner-only).
+    let token_file = state_dir.join("token");
+    write_token(&token_file, &token)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -78,22 +81,40 @@ pub fn run(a: &RunArgs) -> Result<()> {
             http: a.http,
             token: token.clone(),
             tls: TlsFiles::default(),
-            state_dir,
+            state_dir: state_dir.clone(),
         })
         .await?;
         let url = format!("http://{}", coordinator.addr);
         tracing::info!(coordinator = %url, workers, "coordinator up; starting workers");
+        eprintln!(
+            "progress: rlhf status --coordinator {url} --token-file {}",
+            token_file.display()
+        );
         if let Some(h) = coordinator.http_addr {
-            eprintln!("status: http://{h}/status (Authorization: Bearer <token>)");
+            eprintln!("status JSON: http://{h}/status (Authorization: Bearer <the token file's contents>)");
         }
         let mut fleet = Fleet::start(&url, &token, workers)?;
         let wait = coordinator.wait();
         tokio::pin!(wait);
+        let mut none_since: Option<std::time::Instant> = None;
         let outcome = loop {
             tokio::select! {
                 o = &mut wait => break o,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                    fleet.replace_dead(a.max_restarts)?;
+                    if fleet.replace_dead(a.max_restarts)? > 0 {
+                        none_since = None;
+                    } else if none_since.get_or_insert_with(std::time::Instant::now).elapsed()
+                        > Duration::from_secs(3)
+                    {
+                        // Workers exit by themselves only when told the
+                        // pipeline is over; with none left it cannot go on.
+                        bail!(
+                            "every worker process exited ({} restarts used) before the pipeline ended; \
+                             see their errors above. Progress is kept in {}: run again to continue",
+                            fleet.restarts,
+                            state_dir.display()
+                        );
+                    }
                 }
             }
         };
@@ -101,6 +122,25 @@ pub fn run(a: &RunArgs) -> Result<()> {
         outcome
     })?;
     report(&outcome)
+}
+
+fn write_token(path: &std::path::Path, token: &Token) -> Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("writing the run's token to {}", path.display()))?;
+    f.write_all(token.as_str().as_bytes())?;
+    Ok(())
 }
 
 fn report(o: &PipelineOutcome) -> Result<()> {
@@ -167,13 +207,16 @@ impl Fleet {
     }
 
     /// Replace workers that exited with an error (a crash or a kill).
-    fn replace_dead(&mut self, max_restarts: usize) -> Result<()> {
+    /// Returns how many are running.
+    fn replace_dead(&mut self, max_restarts: usize) -> Result<usize> {
+        let mut running = 0;
         for i in 0..self.children.len() {
-            if let Some(status) = self.children[i].try_wait()? {
-                if status.success() {
-                    continue;
-                }
-                if self.restarts >= max_restarts {
+            let Some(status) = self.children[i].try_wait()? else {
+                running += 1;
+                continue;
+            };
+            {
+                if status.success() || self.restarts >= max_restarts {
                     continue;
                 }
                 self.restarts += 1;
@@ -183,9 +226,10 @@ impl Fleet {
                     "a worker process died; starting a replacement"
                 );
                 self.children[i] = self.spawn()?;
+                running += 1;
             }
         }
-        Ok(())
+        Ok(running)
     }
 
     /// Wait for the workers to exit (they were told to shut down), then kill stragglers.

@@ -342,8 +342,11 @@ fn registered_workers(v: &serde_json::Value) -> usize {
 /// 12 steps of global batch 4, a checkpoint every 2 steps.
 const FAULT_STEPS: u64 = 12;
 
-#[test]
-fn a_worker_killed_mid_stage_is_replaced_by_the_survivor_and_the_result_is_unchanged() {
+/// The uninterrupted reference run `ref/`, then the same pipeline `faulty/`
+/// under a coordinator and two slowed-down workers, returned once a checkpoint
+/// is committed. Registration order gives the ranks: the first worker is
+/// rank 0, the one that writes checkpoints — the harder one to lose.
+fn fault_run_with_a_committed_checkpoint() -> (Setup, Cluster, PathBuf) {
     let s = setup();
     let reference = pipeline(&s, "ref", 2, 2, FAULT_STEPS, 2);
     rlhf_run(&s, &reference, &[]);
@@ -351,8 +354,6 @@ fn a_worker_killed_mid_stage_is_replaced_by_the_survivor_and_the_result_is_uncha
     let faulty = pipeline(&s, "faulty", 2, 2, FAULT_STEPS, 2);
     let mut c = Cluster::new(&s);
     c.start_coordinator(&faulty);
-    // Registration order gives the ranks: the first worker is rank 0, the one
-    // that writes checkpoints — the harder one to lose.
     c.start_worker(150);
     c.wait_status("the first worker", Duration::from_secs(30), |v| {
         registered_workers(v) == 1
@@ -361,6 +362,12 @@ fn a_worker_killed_mid_stage_is_replaced_by_the_survivor_and_the_result_is_uncha
     c.wait_status("a committed checkpoint", Duration::from_secs(60), |v| {
         committed_step(v) >= 2
     });
+    (s, c, faulty)
+}
+
+#[test]
+fn a_worker_killed_mid_stage_is_replaced_by_the_survivor_and_the_result_is_unchanged() {
+    let (s, mut c, faulty) = fault_run_with_a_committed_checkpoint();
     let killed_at = Instant::now();
     let mut rank0 = c.workers.remove(0);
     rank0.kill().unwrap(); // SIGKILL
@@ -390,21 +397,7 @@ fn a_worker_killed_mid_stage_is_replaced_by_the_survivor_and_the_result_is_uncha
 
 #[test]
 fn a_coordinator_killed_mid_stage_resumes_from_its_journal_and_the_result_is_unchanged() {
-    let s = setup();
-    let reference = pipeline(&s, "ref", 2, 2, FAULT_STEPS, 2);
-    rlhf_run(&s, &reference, &[]);
-
-    let faulty = pipeline(&s, "faulty", 2, 2, FAULT_STEPS, 2);
-    let mut c = Cluster::new(&s);
-    c.start_coordinator(&faulty);
-    c.start_worker(150);
-    c.wait_status("the first worker", Duration::from_secs(30), |v| {
-        registered_workers(v) == 1
-    });
-    c.start_worker(150);
-    c.wait_status("a committed checkpoint", Duration::from_secs(60), |v| {
-        committed_step(v) >= 2
-    });
+    let (s, mut c, faulty) = fault_run_with_a_committed_checkpoint();
     let mut old = c.coordinator.take().unwrap();
     old.kill().unwrap(); // SIGKILL
     old.wait().unwrap();

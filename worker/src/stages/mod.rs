@@ -1,5 +1,6 @@
 //! The training stages. Each takes MedicalGPT's arguments (same names, same
-//! defaults) and runs in one process; the coordinator drives them later.
+//! defaults); each runs in one process (`rlhf pt`) or as one rank of a
+//! coordinator-driven stage (`run_dist`, through the worker agent).
 
 pub mod args;
 pub mod eval;

@@ -348,10 +348,18 @@ const FAULT_STEPS: u64 = 12;
 /// rank 0, the one that writes checkpoints — the harder one to lose.
 fn fault_run_with_a_committed_checkpoint() -> (Setup, Cluster, PathBuf) {
     let s = setup();
-    let reference = pipeline(&s, "ref", 2, 2, FAULT_STEPS, 2);
+    // save_total_limit 1: pruning must never remove the committed checkpoint
+    // a recovery resumes from.
+    let with_limit = |p: PathBuf| {
+        let mut text = std::fs::read_to_string(&p).unwrap();
+        text.push_str("save_total_limit = 1\n");
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let reference = with_limit(pipeline(&s, "ref", 2, 2, FAULT_STEPS, 2));
     rlhf_run(&s, &reference, &[]);
 
-    let faulty = pipeline(&s, "faulty", 2, 2, FAULT_STEPS, 2);
+    let faulty = with_limit(pipeline(&s, "faulty", 2, 2, FAULT_STEPS, 2));
     let mut c = Cluster::new(&s);
     c.start_coordinator(&faulty);
     c.start_worker(150);

@@ -36,7 +36,7 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Training throughput (tokens/s, model FLOP/s, peak memory) of LoRA and full fine-tuning on built-in model shapes.
     Bench(bench::BenchArgs),
-    /// Ring all-reduce over gRPC on loopback vs a plain TCP copy (algorithm and bus bandwidth).
+    /// Ring all-reduce between worker processes on loopback vs plain TCP baselines (algorithm and bus bandwidth).
     #[command(name = "bench-allreduce")]
     BenchAllreduce(bench_allreduce::BenchAllreduceArgs),
     /// Start `rlhf worker`s over ssh on the hosts of a DeepSpeed-style hostfile (`host slots=N`).

@@ -375,7 +375,7 @@ fn fault_run_with_a_committed_checkpoint() -> (Setup, Cluster, PathBuf) {
 
 #[test]
 fn a_worker_killed_mid_stage_is_replaced_by_the_survivor_and_the_result_is_unchanged() {
-    let (s, mut c, faulty) = fault_run_with_a_committed_checkpoint();
+    let (s, mut c, _) = fault_run_with_a_committed_checkpoint();
     let killed_at = Instant::now();
     let mut rank0 = c.workers.remove(0);
     rank0.kill().unwrap(); // SIGKILL

@@ -477,3 +477,71 @@ fn a_neighbour_that_dies_mid_generation_fails_the_survivor() {
         .expect("a CollectiveError");
     assert!(e.is_retryable(), "{e:?}");
 }
+
+#[test]
+fn between_all_reduces_the_end_of_the_generation_is_acknowledged_without_the_ring() {
+    // The all-gather reads from the socket on the ring's own thread; between
+    // all-reduces the connection goes back to the server, which acknowledges
+    // the left neighbour's end frame while this rank's ring is idle.
+    let rt = runtime();
+    let token = Token::generate();
+    let (servers, peers) = servers(&rt, 3, &token);
+    let rings: Vec<_> = (0..3)
+        .map(|r| {
+            RingAllReduce::new(
+                &servers[r],
+                rt.handle().clone(),
+                config(r, &peers, &token, 1),
+            )
+            .unwrap()
+        })
+        .collect();
+    let threads: Vec<_> = rings
+        .into_iter()
+        .enumerate()
+        .map(|(rank, mut ring)| {
+            std::thread::spawn(move || {
+                // Big (many direct all-gather chunks), tiny (may all come
+                // through the server before it lends the connection), big.
+                let mut out = Vec::new();
+                for (i, n) in [100_003usize, 3, 1, 50_001, 2].into_iter().enumerate() {
+                    let mut b = lcg((rank * 10 + i) as u64, n);
+                    ring.all_reduce_sum_host(&mut b).unwrap();
+                    out.push(b);
+                }
+                // Rank 1 stays busy before closing; rank 0's close needs its ack.
+                if rank == 1 {
+                    std::thread::sleep(Duration::from_millis(1500));
+                }
+                let t = Instant::now();
+                ring.close().unwrap();
+                (out, t.elapsed())
+            })
+        })
+        .collect();
+    let res: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    for (i, n) in [100_003usize, 3, 1, 50_001, 2].into_iter().enumerate() {
+        let xs: Vec<Vec<f32>> = (0..3).map(|r| lcg((r * 10 + i) as u64, n)).collect();
+        let want: Vec<f32> = (0..n).map(|j| xs[0][j] + xs[1][j] + xs[2][j]).collect();
+        for (r, (out, _)) in res.iter().enumerate() {
+            // The order of the additions depends on the segment; the bits are
+            // the same on every rank (checked exactly), the value close to the naive sum.
+            assert_eq!(
+                out[i].iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                res[0].0[i].iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "rank {r}, buffer {i}"
+            );
+            for (a, b) in out[i].iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "rank {r}: {a} vs {b}"
+                );
+            }
+        }
+    }
+    assert!(
+        res[0].1 < Duration::from_millis(1000),
+        "rank 0's close waited {:?} for idle rank 1",
+        res[0].1
+    );
+}

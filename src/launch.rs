@@ -16,7 +16,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Args, Clone, Debug)]
 pub struct LaunchArgs {
@@ -147,43 +147,34 @@ pub fn worker_command(args: &LaunchArgs) -> Result<Vec<String>> {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
-#[cfg(unix)]
-mod sig {
-    use std::sync::atomic::Ordering;
-
-    pub const SIGINT: i32 = 2;
-    pub const SIGTERM: i32 = 15;
-
-    extern "C" {
-        fn signal(signum: i32, handler: extern "C" fn(i32)) -> usize;
-        fn kill(pid: i32, sig: i32) -> i32;
-    }
-
-    extern "C" fn on_signal(_: i32) {
-        super::STOP.store(true, Ordering::SeqCst);
-    }
-
-    /// SIGINT and SIGTERM set STOP instead of ending the process.
-    pub fn install() {
-        // SAFETY: the handler only stores to an atomic (async-signal-safe).
-        unsafe {
-            signal(SIGINT, on_signal);
-            signal(SIGTERM, on_signal);
-        }
-    }
-
-    pub fn terminate(pid: u32) {
-        // SAFETY: sending a signal to a child we spawned and have not reaped.
-        unsafe {
-            kill(pid as i32, SIGTERM);
-        }
-    }
-}
-
-#[cfg(not(unix))]
-mod sig {
-    pub fn install() {}
-    pub fn terminate(_pid: u32) {}
+/// Ctrl-C and SIGTERM set STOP instead of ending this process, so that
+/// the ssh children are stopped first (tokio's signal handling, on a thread).
+fn watch_signals() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            #[cfg(unix)]
+            let term = async {
+                use tokio::signal::unix::{signal, SignalKind};
+                match signal(SignalKind::terminate()) {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let term = std::future::pending::<()>();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term => {}
+            }
+            STOP.store(true, Ordering::SeqCst);
+        })
+    });
+    Ok(())
 }
 
 struct Worker {
@@ -232,7 +223,7 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         .collect::<Vec<_>>()
         .join(" ");
 
-    sig::install();
+    watch_signals()?;
     let mut workers: Vec<Worker> = Vec::new();
     for h in &hosts {
         for i in 0..h.slots {
@@ -325,27 +316,11 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
     Ok(())
 }
 
-/// SIGTERM every running worker, then SIGKILL those still running after 5 s.
+/// Stop every running worker (its ssh: the remote worker sees its
+/// connection close) and reap them.
 fn stop_all(workers: &mut [Worker]) {
-    for w in workers.iter_mut() {
-        if w.status.is_none() {
-            sig::terminate(w.child.id());
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for w in workers.iter_mut() {
-        while w.status.is_none() {
-            match w.child.try_wait() {
-                Ok(Some(s)) => w.status = Some(s),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                _ => {
-                    let _ = w.child.kill();
-                    w.status = w.child.wait().ok();
-                    break;
-                }
-            }
-        }
+    for w in workers.iter_mut().filter(|w| w.status.is_none()) {
+        let _ = w.child.kill();
+        w.status = w.child.wait().ok();
     }
 }

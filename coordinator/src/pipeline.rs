@@ -62,21 +62,7 @@ impl StageKind {
         let cmd = Command::new(self.as_str());
         match self {
             StageKind::Pt => rlhf_worker::stages::pt::PtArgs::augment_args(cmd),
-            StageKind::Demo => cmd
-                .arg(
-                    Arg::new("output_dir")
-                        .long("output_dir")
-                        .required(true)
-                        .help(
-                            "Where the demo model (base-model/) and corpus (data/train/, data/valid/) go.",
-                        ),
-                )
-                .arg(
-                    Arg::new("seed")
-                        .long("seed")
-                        .value_parser(clap::value_parser!(u64))
-                        .default_value("42"),
-                ),
+            StageKind::Demo => rlhf_worker::agent::DemoStageArgs::augment_args(cmd),
         }
     }
 }

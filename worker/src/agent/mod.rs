@@ -10,6 +10,8 @@
 pub mod roots;
 mod stage;
 
+pub use stage::DemoStageArgs;
+
 use crate::collective::server::{CollectiveServer, ServerConfig};
 use anyhow::{bail, Context, Result};
 use clap::Args;

@@ -202,13 +202,15 @@ fn parse_stage_args<A: Args>(kind: &str, argv: &[String]) -> Result<A> {
         .map_err(|e| anyhow::anyhow!("stage arguments: {}", e.render()))
 }
 
-/// The `demo` stage's arguments.
+/// The `demo` stage's arguments (the pipeline file validates against these too).
 #[derive(Args, Clone, Debug)]
 pub struct DemoStageArgs {
+    /// Where the demo model (base-model/) and corpus (data/train/, data/valid/) go.
     #[arg(long = "output_dir")]
     pub output_dir: PathBuf,
     #[arg(long = "seed", default_value_t = 42)]
     pub seed: u64,
+    /// Training documents of the corpus (a tenth as many held out).
     #[arg(long = "train_docs", default_value_t = 3000)]
     pub train_docs: usize,
 }

@@ -246,14 +246,7 @@ fn rank_main(args: &BenchAllreduceArgs, kind: &str) -> Result<()> {
                 CollectiveServer::start_blocking(rt.handle(), ServerConfig::new(token.clone()))?;
             writeln!(out, "addr {}", server.local_addr())?;
             out.flush()?;
-            let l = next()?;
-            let peers: Vec<String> = l
-                .strip_prefix("peers ")
-                .context("expected `peers`")?
-                .split(',')
-                .map(String::from)
-                .collect();
-            anyhow::ensure!(peers.len() == world, "peer list of the wrong length");
+            let peers = parse_peers(&next()?, world)?;
             let mut cfg = RingConfig::new(rank, peers, token, 1);
             cfg.chunk_bytes = args.chunk_kb << 10;
             cfg.io_timeout = Duration::from_secs(60);
@@ -284,13 +277,7 @@ fn rank_main(args: &BenchAllreduceArgs, kind: &str) -> Result<()> {
             let listener = TcpListener::bind("127.0.0.1:0")?;
             writeln!(out, "addr {}", listener.local_addr()?)?;
             out.flush()?;
-            let l = next()?;
-            let peers: Vec<String> = l
-                .strip_prefix("peers ")
-                .context("expected `peers`")?
-                .split(',')
-                .map(String::from)
-                .collect();
+            let peers = parse_peers(&next()?, world)?;
             let right = peers[(rank + 1) % world].clone();
             let connect = std::thread::spawn(move || TcpStream::connect(right));
             let (mut from_left, _) = listener.accept()?;
@@ -408,4 +395,16 @@ pub fn run(args: &BenchAllreduceArgs) -> Result<()> {
             .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
+}
+
+/// The `peers a,b,c` line the parent sends every rank: one address per rank.
+fn parse_peers(line: &str, world: usize) -> Result<Vec<String>> {
+    let peers: Vec<String> = line
+        .strip_prefix("peers ")
+        .context("expected `peers`")?
+        .split(',')
+        .map(String::from)
+        .collect();
+    anyhow::ensure!(peers.len() == world, "peer list of the wrong length");
+    Ok(peers)
 }

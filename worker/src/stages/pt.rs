@@ -139,11 +139,6 @@ pub fn run_dist(
         super::save_weights(m, dir, &base, &tokenizer_dir)
     };
     targs.show_progress = true;
-    let global_batch = global_batch.unwrap_or(
-        collective.world_size()
-            * targs.per_device_train_batch_size.max(1)
-            * targs.gradient_accumulation_steps.max(1),
-    );
     let mut dist = Dist {
         collective,
         global_batch,

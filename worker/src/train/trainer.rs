@@ -242,9 +242,10 @@ fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
 /// collective between ranks, the global batch, and hooks to the coordinator.
 pub struct Dist<'a, B: Backend> {
     pub collective: &'a mut dyn Collective<B>,
-    /// Samples per optimizer step across all ranks. The schedule and the
-    /// result depend on it, not on the number of ranks.
-    pub global_batch: usize,
+    /// Samples per optimizer step across all ranks (None: world ×
+    /// per-device batch × accumulation). The schedule and the result depend
+    /// on it, not on the number of ranks.
+    pub global_batch: Option<usize>,
     pub hooks: &'a mut dyn TrainHooks,
 }
 
@@ -295,11 +296,9 @@ pub fn train<B: Backend>(
     args: &TrainArgs,
     save_weights: &dyn Fn(&Llama<B>, &Path) -> Result<()>,
 ) -> Result<TrainSummary> {
-    let global_batch =
-        args.per_device_train_batch_size.max(1) * args.gradient_accumulation_steps.max(1);
     let mut dist = Dist {
         collective: &mut Single,
-        global_batch,
+        global_batch: None,
         hooks: &mut NoHooks,
     };
     train_dist(model, train, eval, pad_id, args, save_weights, &mut dist)
@@ -327,7 +326,10 @@ pub fn train_dist<B: Backend>(
     let bs = args.per_device_train_batch_size.max(1);
     let (rank, world) = (dist.collective.rank(), dist.collective.world_size());
     let is_main = rank == 0;
-    let global_batch = dist.global_batch.max(1);
+    let global_batch = dist
+        .global_batch
+        .unwrap_or(world * bs * args.gradient_accumulation_steps.max(1))
+        .max(1);
     let micros_per_step = global_batch.div_ceil(bs);
     let steps_per_epoch = train.len().div_ceil(global_batch) as u64;
     let total_steps = if args.max_steps > 0 {

@@ -61,11 +61,45 @@ pub struct AttnShape {
     pub hd: usize,
 }
 
-/// A compute backend. `Buf` is an owned f32 allocation on the device;
-/// `View`/`ViewMut` borrow a range of one.
+/// What a buffer holds, which decides its storage type on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// Always f32: trainable (master) weights, gradients, optimizer moments,
+    /// statistics kept for backward (rstd, lse), rotary tables.
+    F32,
+    /// The backend's compute type: frozen weights and activations. f32 on the
+    /// CPU; f32, bf16 or fp16 on CUDA (f32 accumulation in every kernel).
+    Compute,
+}
+
+/// One LoRA linear y = x·Wᵀ + s·dropout(x)·Aᵀ·Bᵀ with a frozen W.
+/// x: `[N,IN]`, W: `[OUT,IN]`, A: `[R,IN]`, B: `[OUT,R]`, y: `[N,OUT]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoraShape {
+    pub n: usize,
+    pub n_in: usize,
+    pub n_out: usize,
+    pub r: usize,
+    /// alpha / r.
+    pub scaling: f32,
+}
+
+/// Dropout on the LoRA branch's input: rows are grouped by sample
+/// (`rows_per_sample` rows each) and sample `i` draws its mask from
+/// `seeds[i]`, indexing elements from the start of that sample.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoraDropout<'a> {
+    pub p: f32,
+    pub seeds: &'a [u64],
+    pub rows_per_sample: usize,
+}
+
+/// A compute backend. `Buf` is an owned allocation on the device whose
+/// storage type is chosen by its [`Precision`]; every op reads and writes f32
+/// values through it. `View`/`ViewMut` borrow a range of one.
 pub trait Backend: Send + Sync {
     type Buf: Send + Sync;
-    type View<'a>
+    type View<'a>: Copy
     where
         Self: 'a;
     type ViewMut<'a>
@@ -75,11 +109,20 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
 
     // ---- memory ---------------------------------------------------------
-    fn zeros(&self, n: usize) -> Result<Self::Buf>;
-    fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    fn zeros(&self, n: usize, p: Precision) -> Result<Self::Buf>;
+    fn upload(&self, host: &[f32], p: Precision) -> Result<Self::Buf>;
     fn len(&self, buf: &Self::Buf) -> usize;
     fn view<'a>(&self, buf: &'a Self::Buf, range: Range<usize>) -> Self::View<'a>;
     fn view_mut<'a>(&self, buf: &'a mut Self::Buf, range: Range<usize>) -> Self::ViewMut<'a>;
+    /// A sub-range of a view (panics when out of bounds, like `view`).
+    fn slice<'a>(&self, v: Self::View<'a>, range: Range<usize>) -> Self::View<'a>;
+    /// A sub-range of a mutable view, reborrowed.
+    fn slice_mut<'a>(&self, v: &'a mut Self::ViewMut<'_>, range: Range<usize>)
+        -> Self::ViewMut<'a>;
+    /// A mutable view given up for reading.
+    fn freeze<'a>(&self, v: Self::ViewMut<'a>) -> Self::View<'a>;
+    /// The length of a view.
+    fn view_len(&self, v: Self::View<'_>) -> usize;
     fn download(&self, src: Self::View<'_>) -> Result<Vec<f32>>;
     /// dst[i] = src[i]; lengths must match.
     fn copy(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>) -> Result<()>;
@@ -256,6 +299,52 @@ pub trait Backend: Send + Sync {
         v: usize,
         grad_scale: Option<f32>,
     ) -> Result<Vec<f32>>;
+
+    // ---- LoRA linear (frozen W) --------------------------------------------
+    /// y[N,OUT] (=|+=) x·Wᵀ + s·dropout(x)·Aᵀ·Bᵀ; keeps xa[N,R] = dropout(x)·Aᵀ
+    /// for backward. `scratch_x` [N,IN] holds dropout(x) when dropout is on.
+    /// The default composes `gemm` and `dropout_forward`; a backend may fuse.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_linear_forward(
+        &self,
+        y: Self::ViewMut<'_>,
+        xa: Self::ViewMut<'_>,
+        scratch_x: Self::ViewMut<'_>,
+        x: Self::View<'_>,
+        w: Self::View<'_>,
+        a: Self::View<'_>,
+        b: Self::View<'_>,
+        dropout: Option<LoraDropout<'_>>,
+        s: LoraShape,
+        accumulate: bool,
+    ) -> Result<()> {
+        crate::lora::forward(self, y, xa, scratch_x, x, w, a, b, dropout, s, accumulate)
+    }
+
+    /// dx[N,IN] += dy·W + dropout'(s·dy·B·A); dA[R,IN] += (s·dy·B)ᵀ·dropout(x);
+    /// dB[OUT,R] += s·dyᵀ·xa. No dW: the base weight is frozen. `scratch_x`
+    /// [N,IN] and `scratch_dxa` [N,R] are work space.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_linear_backward(
+        &self,
+        dx: Self::ViewMut<'_>,
+        da: Option<Self::ViewMut<'_>>,
+        db: Option<Self::ViewMut<'_>>,
+        scratch_x: Self::ViewMut<'_>,
+        scratch_dxa: Self::ViewMut<'_>,
+        dy: Self::View<'_>,
+        x: Self::View<'_>,
+        xa: Self::View<'_>,
+        w: Self::View<'_>,
+        a: Self::View<'_>,
+        b: Self::View<'_>,
+        dropout: Option<LoraDropout<'_>>,
+        s: LoraShape,
+    ) -> Result<()> {
+        crate::lora::backward(
+            self, dx, da, db, scratch_x, scratch_dxa, dy, x, xa, w, a, b, dropout, s,
+        )
+    }
 
     // ---- optimizer ------------------------------------------------------
     /// One AdamW step (torch.optim.AdamW semantics, decoupled weight decay),

@@ -3,8 +3,10 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod cuda;
+pub mod lora;
 
-pub use backend::{AdamW, AttnShape, Backend, Gemm};
+pub use backend::{AdamW, AttnShape, Backend, Gemm, LoraDropout, LoraShape, Precision};
 pub use cpu::Cpu;
 
 /// Errors a kernel can report. Shape mistakes are caller bugs, but they are

@@ -9,7 +9,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod bias;
-mod check;
+pub(crate) mod check;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod elementwise;
@@ -24,7 +24,7 @@ pub mod swiglu;
 #[cfg(test)]
 mod testutil;
 
-use crate::backend::{AdamW, AttnShape, Backend, Gemm, Result};
+use crate::backend::{AdamW, AttnShape, Backend, Gemm, Precision, Result};
 use std::ops::Range;
 
 /// The CPU backend. Buffers are `Vec<f32>`, views are slices.
@@ -41,10 +41,10 @@ impl Backend for Cpu {
     }
 
     // ---- memory ---------------------------------------------------------
-    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
+    fn zeros(&self, n: usize, _: Precision) -> Result<Vec<f32>> {
         Ok(vec![0.0; n])
     }
-    fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
+    fn upload(&self, host: &[f32], _: Precision) -> Result<Vec<f32>> {
         Ok(host.to_vec())
     }
     fn len(&self, buf: &Vec<f32>) -> usize {
@@ -57,6 +57,18 @@ impl Backend for Cpu {
     /// Panics if `range` is out of bounds: the trait gives views no error path.
     fn view_mut<'a>(&self, buf: &'a mut Vec<f32>, range: Range<usize>) -> &'a mut [f32] {
         &mut buf[range]
+    }
+    fn slice<'a>(&self, v: Self::View<'a>, range: Range<usize>) -> Self::View<'a> {
+        &v[range]
+    }
+    fn slice_mut<'a>(&self, v: &'a mut &mut [f32], range: Range<usize>) -> &'a mut [f32] {
+        &mut v[range]
+    }
+    fn freeze<'a>(&self, v: Self::ViewMut<'a>) -> Self::View<'a> {
+        v
+    }
+    fn view_len(&self, v: &[f32]) -> usize {
+        v.len()
     }
     fn download(&self, src: &[f32]) -> Result<Vec<f32>> {
         Ok(src.to_vec())

@@ -1,0 +1,1 @@
+// bias kernels (to be written)

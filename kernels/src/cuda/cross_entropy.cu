@@ -1,0 +1,1 @@
+// cross_entropy kernels (to be written)

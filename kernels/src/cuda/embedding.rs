@@ -1,0 +1,7 @@
+//! placeholder
+use super::{Cuda, CudaView, CudaViewMut};
+use crate::backend::Result;
+use crate::KernelError;
+fn todo(op: &str) -> KernelError { KernelError::Unavailable(format!("{op}: not yet on CUDA")) }
+pub(super) fn forward(_: &Cuda, _: CudaViewMut<'_>, _: CudaView<'_>, _: &[u32], _: usize) -> Result<()> { Err(todo("embedding_forward")) }
+pub(super) fn backward(_: &Cuda, _: CudaViewMut<'_>, _: CudaView<'_>, _: &[u32], _: usize) -> Result<()> { Err(todo("embedding_backward")) }

@@ -1,0 +1,1 @@
+// rmsnorm kernels (to be written)

@@ -16,7 +16,7 @@
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use rlhf_kernels::{AdamW, AttnShape, Backend, Cpu, Gemm};
+use rlhf_kernels::{AdamW, AttnShape, Backend, Cpu, Gemm, Precision};
 use rlhf_worker::model::params::{TensorKind, LINEAR_MODULES};
 use rlhf_worker::model::{Batch, Llama, LoraConfig, ModelConfig, TrainMode};
 use rlhf_worker::train::optim::{OptimConfig, Optimizer};
@@ -257,7 +257,7 @@ fn train_step<B: Backend>(
     model.zero_grads()?;
     let predicted = batch.b * (batch.t - 1);
     let stats = model.forward_backward(batch, 1.0 / predicted as f32, Some(seed))?;
-    opt.step(model, 1e-4)?;
+    opt.step(model, 1e-4, 1.0)?;
     Ok(stats.loss_sum / stats.tokens.max(1) as f64)
 }
 
@@ -744,11 +744,14 @@ impl<B: Backend> Backend for Prof<B> {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
-    fn zeros(&self, n: usize) -> rlhf_kernels::backend::Result<B::Buf> {
-        self.time("zeros", 0.0, || self.inner.zeros(n))
+    fn needs_loss_scaling(&self) -> bool {
+        self.inner.needs_loss_scaling()
     }
-    fn upload(&self, host: &[f32]) -> rlhf_kernels::backend::Result<B::Buf> {
-        self.time("upload", 0.0, || self.inner.upload(host))
+    fn zeros(&self, n: usize, p: Precision) -> rlhf_kernels::backend::Result<B::Buf> {
+        self.time("zeros", 0.0, || self.inner.zeros(n, p))
+    }
+    fn upload(&self, host: &[f32], p: Precision) -> rlhf_kernels::backend::Result<B::Buf> {
+        self.time("upload", 0.0, || self.inner.upload(host, p))
     }
     fn len(&self, buf: &B::Buf) -> usize {
         self.inner.len(buf)
@@ -758,6 +761,21 @@ impl<B: Backend> Backend for Prof<B> {
     }
     fn view_mut<'a>(&self, buf: &'a mut B::Buf, range: Range<usize>) -> B::ViewMut<'a> {
         self.inner.view_mut(buf, range)
+    }
+    fn slice<'a>(&self, v: Self::View<'a>, range: Range<usize>) -> Self::View<'a> {
+        self.inner.slice(v, range)
+    }
+    fn slice_mut<'a>(&self, v: &'a mut Self::ViewMut<'_>, range: Range<usize>) -> Self::ViewMut<'a> {
+        self.inner.slice_mut(v, range)
+    }
+    fn split_mut<'a>(&self, v: Self::ViewMut<'a>, mid: usize) -> (Self::ViewMut<'a>, Self::ViewMut<'a>) {
+        self.inner.split_mut(v, mid)
+    }
+    fn freeze<'a>(&self, v: Self::ViewMut<'a>) -> Self::View<'a> {
+        self.inner.freeze(v)
+    }
+    fn view_len(&self, v: Self::View<'_>) -> usize {
+        self.inner.view_len(v)
     }
     fn download(&self, src: B::View<'_>) -> rlhf_kernels::backend::Result<Vec<f32>> {
         self.time("download", 0.0, || self.inner.download(src))

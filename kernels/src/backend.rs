@@ -108,6 +108,11 @@ pub trait Backend: Send + Sync {
 
     fn name(&self) -> &'static str;
 
+    /// Whether the compute type needs dynamic loss scaling (fp16's range).
+    fn needs_loss_scaling(&self) -> bool {
+        false
+    }
+
     // ---- memory ---------------------------------------------------------
     fn zeros(&self, n: usize, p: Precision) -> Result<Self::Buf>;
     fn upload(&self, host: &[f32], p: Precision) -> Result<Self::Buf>;
@@ -119,6 +124,9 @@ pub trait Backend: Send + Sync {
     /// A sub-range of a mutable view, reborrowed.
     fn slice_mut<'a>(&self, v: &'a mut Self::ViewMut<'_>, range: Range<usize>)
         -> Self::ViewMut<'a>;
+    /// A mutable view cut in two at `mid` (panics when out of bounds).
+    fn split_mut<'a>(&self, v: Self::ViewMut<'a>, mid: usize)
+        -> (Self::ViewMut<'a>, Self::ViewMut<'a>);
     /// A mutable view given up for reading.
     fn freeze<'a>(&self, v: Self::ViewMut<'a>) -> Self::View<'a>;
     /// The length of a view.

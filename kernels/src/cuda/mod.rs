@@ -29,6 +29,7 @@ mod dropout;
 mod cross_entropy;
 mod adamw;
 mod lora;
+pub mod nccl;
 
 use crate::backend::{
     AdamW, AttnShape, Backend, Gemm, LoraDropout, LoraShape, Precision, Result,
@@ -350,6 +351,9 @@ impl Backend for Cuda {
     fn name(&self) -> &'static str {
         "cuda"
     }
+    fn needs_loss_scaling(&self) -> bool {
+        self.inner.dtype == Dtype::F16
+    }
 
     // ---- memory ---------------------------------------------------------
     fn zeros(&self, n: usize, p: Precision) -> Result<CudaBuf> {
@@ -404,6 +408,17 @@ impl Backend for Cuda {
             dt: v.dt,
             _buf: PhantomData,
         }
+    }
+    fn split_mut<'a>(&self, v: Self::ViewMut<'a>, mid: usize) -> (Self::ViewMut<'a>, Self::ViewMut<'a>) {
+        assert!(mid <= v.len, "split at {mid} of {}", v.len);
+        let hi = CudaViewMut {
+            ptr: v.ptr + (mid * v.dtype.size()) as u64,
+            len: v.len - mid,
+            dtype: v.dtype,
+            dt: v.dt,
+            _buf: PhantomData,
+        };
+        (CudaViewMut { len: mid, ..v }, hi)
     }
     fn freeze<'a>(&self, v: Self::ViewMut<'a>) -> Self::View<'a> {
         CudaView {

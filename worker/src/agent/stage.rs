@@ -11,7 +11,11 @@ use crate::stages::pt::PtArgs;
 use crate::train::TrainHooks;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser};
-use rlhf_kernels::Cpu;
+use crate::collective::nccl::NcclAllReduce;
+use crate::stages::args::Device;
+use rlhf_kernels::cuda::nccl::NcclComm;
+use rlhf_kernels::cuda::{Cuda, Dtype};
+use rlhf_kernels::{Backend, Cpu};
 use rlhf_proto::auth::{TlsFiles, Token};
 use rlhf_proto::v1 as pb;
 use std::path::{Path, PathBuf};
@@ -67,36 +71,78 @@ pub(crate) async fn run_assignment(
         rank = a.rank, world = a.world_size, resume = %a.resume_checkpoint,
         "assigned"
     );
-    let rv = rendezvous(&ctx, a.generation).await?;
+    let (device, dtype) = stage_device(&ctx, &a)?;
+    let cuda_world = matches!(device, Device::Cuda(_)) && a.world_size > 1;
+    // Rank 0 of a multi-GPU stage creates the NCCL id; the coordinator hands
+    // it to every rank with the rendezvous.
+    let nccl_id = if cuda_world && a.rank == 0 {
+        rlhf_kernels::cuda::nccl::unique_id()?
+    } else {
+        Vec::new()
+    };
+    let rv = rendezvous(&ctx, a.generation, nccl_id).await?;
     let server = server.clone();
     // The ring blocks on the runtime, so it is built and used on a plain thread.
-    let handle = tokio::task::spawn_blocking(move || {
-        let collective: Box<dyn Collective<Cpu>> = if rv.world_size <= 1 {
-            Box::new(Single)
-        } else {
-            let mut cfg = RingConfig::new(
-                rv.rank as usize,
-                rv.peers.clone(),
-                ctx.token.clone(),
-                a.generation,
-            );
-            cfg.tls = ctx.tls.clone();
-            cfg.io_timeout = ctx.collective_timeout;
-            cfg.abort = ctx.abort.clone();
-            let ring = RingAllReduce::new(&server, ctx.runtime.clone(), cfg)?;
-            Box::new(ViaHost(ring))
-        };
-        run_stage_blocking(ctx, a, collective)
+    let handle = tokio::task::spawn_blocking(move || match device {
+        Device::Cpu => {
+            let collective: Box<dyn Collective<Cpu>> = if rv.world_size <= 1 {
+                Box::new(Single)
+            } else {
+                let mut cfg = RingConfig::new(
+                    rv.rank as usize,
+                    rv.peers.clone(),
+                    ctx.token.clone(),
+                    a.generation,
+                );
+                cfg.tls = ctx.tls.clone();
+                cfg.io_timeout = ctx.collective_timeout;
+                cfg.abort = ctx.abort.clone();
+                let ring = RingAllReduce::new(&server, ctx.runtime.clone(), cfg)?;
+                Box::new(ViaHost(ring))
+            };
+            run_stage_blocking(Cpu, ctx, a, collective)
+        }
+        Device::Cuda(ordinal) => {
+            let be = Cuda::new(ordinal, dtype)?;
+            tracing::info!(device = ?be, "CUDA backend ready");
+            let collective: Box<dyn Collective<Cuda>> = if rv.world_size <= 1 {
+                Box::new(Single)
+            } else {
+                Box::new(NcclAllReduce(NcclComm::new(
+                    &be,
+                    rv.rank as usize,
+                    rv.world_size as usize,
+                    &rv.nccl_unique_id,
+                    ctx.collective_timeout,
+                    ctx.abort.clone(),
+                )?))
+            };
+            run_stage_blocking(be, ctx, a, collective)
+        }
     });
     handle.await.context("the stage thread panicked")?
 }
 
+/// The device a stage asks for (its `--device`) and the CUDA compute type.
+fn stage_device(ctx: &StageContext, a: &pb::StageAssignment) -> Result<(Device, Dtype)> {
+    if a.stage_kind != "pt" {
+        return Ok((Device::Cpu, Dtype::F32));
+    }
+    let argv = resolve_args(&ctx.root, &a.args, PT_PATH_FLAGS)?;
+    let args = parse_stage_args::<PtArgs>("pt", &argv)?;
+    Ok((args.training.device, args.training.cuda_dtype()?))
+}
+
 /// Wait at the coordinator's barrier, giving up if the stage is aborted.
-async fn rendezvous(ctx: &StageContext, generation: u64) -> Result<pb::RendezvousReply> {
+async fn rendezvous(
+    ctx: &StageContext,
+    generation: u64,
+    nccl_unique_id: Vec<u8>,
+) -> Result<pb::RendezvousReply> {
     let req = pb::RendezvousRequest {
         worker_id: ctx.worker_id.clone(),
         generation,
-        nccl_unique_id: Vec::new(),
+        nccl_unique_id,
     };
     let mut client = ctx.client.clone();
     let call = client.rendezvous(req);
@@ -115,10 +161,11 @@ async fn rendezvous(ctx: &StageContext, generation: u64) -> Result<pb::Rendezvou
     }
 }
 
-fn run_stage_blocking(
+fn run_stage_blocking<B: Backend>(
+    be: B,
     ctx: StageContext,
     a: pb::StageAssignment,
-    mut collective: Box<dyn Collective<Cpu>>,
+    mut collective: Box<dyn Collective<B>>,
 ) -> Result<serde_json::Value> {
     let rank = collective.rank();
     match a.stage_kind.as_str() {
@@ -155,7 +202,7 @@ fn run_stage_blocking(
                 step_delay: ctx.step_delay,
             };
             let r =
-                crate::stages::pt::run_dist(&args, collective.as_mut(), global_batch, &mut hooks)?;
+                crate::stages::pt::run_dist(be, &args, collective.as_mut(), global_batch, &mut hooks)?;
             collective.finish()?;
             if !r.summary.finished {
                 bail!("the stage stopped before its last step");

@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod layout;
+pub mod nccl;
 pub mod ring;
 pub mod server;
 mod wire;

@@ -9,7 +9,7 @@ use super::config::ModelConfig;
 use super::params::{Layout, Linear, Slot, TrainMode};
 use super::rope;
 use anyhow::{bail, Context, Result};
-use rlhf_kernels::{AttnShape, Backend, Gemm};
+use rlhf_kernels::{AttnShape, Backend, Gemm, LoraDropout, LoraShape, Precision};
 
 /// One batch of token rows. `labels` are unshifted, as in transformers: the
 /// loss at position t predicts labels[t+1]; -100 is ignored.
@@ -132,6 +132,38 @@ fn grad<'a, B: Backend>(be: &B, grads: &'a mut B::Buf, s: Slot) -> Option<B::Vie
     s.trainable.then(|| be.view_mut(grads, s.range()))
 }
 
+/// The gradients of two trainable tensors at once (LoRA's A and B), as
+/// disjoint views of the one gradient buffer; None for a frozen one.
+fn two_grads<'a, B: Backend>(
+    be: &B,
+    grads: &'a mut B::Buf,
+    s1: Slot,
+    s2: Slot,
+) -> (Option<B::ViewMut<'a>>, Option<B::ViewMut<'a>>) {
+    match (s1.trainable, s2.trainable) {
+        (true, true) => {
+            let (first, second, swapped) = if s1.offset <= s2.offset {
+                (s1, s2, false)
+            } else {
+                (s2, s1, true)
+            };
+            assert!(first.offset + first.len <= second.offset, "overlapping slots");
+            let whole = be.view_mut(grads, first.offset..second.offset + second.len);
+            let (lo, hi) = be.split_mut(whole, second.offset - first.offset);
+            let lo = be.split_mut(lo, first.len).0;
+            let hi = be.split_mut(hi, second.len).0;
+            if swapped {
+                (Some(hi), Some(lo))
+            } else {
+                (Some(lo), Some(hi))
+            }
+        }
+        (true, false) => (grad(be, grads, s1), None),
+        (false, true) => (None, grad(be, grads, s2)),
+        (false, false) => (None, None),
+    }
+}
+
 fn all<'a, B: Backend>(be: &B, buf: &'a B::Buf) -> B::View<'a> {
     be.view(buf, 0..be.len(buf))
 }
@@ -183,11 +215,11 @@ impl<B: Backend> Llama<B> {
         let rope_positions = cfg.max_position_embeddings.max(1);
         let (cos, sin) = rope::tables(&cfg, rope_positions);
         Ok(Llama {
-            frozen: be.upload(&frozen)?,
-            grads: be.zeros(layout.train_len)?,
-            train: be.upload(&train)?,
-            rope_cos: be.upload(&cos)?,
-            rope_sin: be.upload(&sin)?,
+            frozen: be.upload(&frozen, Precision::Compute)?,
+            grads: be.zeros(layout.train_len, Precision::F32)?,
+            train: be.upload(&train, Precision::F32)?,
+            rope_cos: be.upload(&cos, Precision::F32)?,
+            rope_sin: be.upload(&sin, Precision::F32)?,
             rope_positions,
             cfg,
             be,
@@ -229,8 +261,8 @@ impl<B: Backend> Llama<B> {
     fn ensure_rope(&mut self, t: usize) -> Result<()> {
         if t > self.rope_positions {
             let (cos, sin) = rope::tables(&self.cfg, t);
-            self.rope_cos = self.be.upload(&cos)?;
-            self.rope_sin = self.be.upload(&sin)?;
+            self.rope_cos = self.be.upload(&cos, Precision::F32)?;
+            self.rope_sin = self.be.upload(&sin, Precision::F32)?;
             self.rope_positions = t;
         }
         Ok(())
@@ -264,29 +296,29 @@ impl<B: Backend> Llama<B> {
             let mut lora_xa: [Option<B::Buf>; 7] = Default::default();
             for (i, on) in lora_on.iter().enumerate() {
                 if *on {
-                    lora_xa[i] = Some(be.zeros(n * r)?);
+                    lora_xa[i] = Some(be.zeros(n * r, Precision::Compute)?);
                 }
             }
             blocks.push(BlockActs {
-                h1: be.zeros(n * c)?,
-                rstd1: be.zeros(n)?,
-                q: be.zeros(n * qd)?,
-                k: be.zeros(n * kvd)?,
-                v: be.zeros(n * kvd)?,
-                att: be.zeros(n * qd)?,
-                lse: be.zeros(b * nh * t)?,
-                h2: be.zeros(n * c)?,
-                rstd2: be.zeros(n)?,
-                gate: be.zeros(n * f)?,
-                up: be.zeros(n * f)?,
-                act: be.zeros(n * f)?,
-                x_mid: be.zeros(n * c)?,
+                h1: be.zeros(n * c, Precision::Compute)?,
+                rstd1: be.zeros(n, Precision::F32)?,
+                q: be.zeros(n * qd, Precision::Compute)?,
+                k: be.zeros(n * kvd, Precision::Compute)?,
+                v: be.zeros(n * kvd, Precision::Compute)?,
+                att: be.zeros(n * qd, Precision::Compute)?,
+                lse: be.zeros(b * nh * t, Precision::F32)?,
+                h2: be.zeros(n * c, Precision::Compute)?,
+                rstd2: be.zeros(n, Precision::F32)?,
+                gate: be.zeros(n * f, Precision::Compute)?,
+                up: be.zeros(n * f, Precision::Compute)?,
+                act: be.zeros(n * f, Precision::Compute)?,
+                x_mid: be.zeros(n * c, Precision::Compute)?,
                 lora_xa,
             });
         }
         let max_in = c.max(f).max(qd);
         let xs = (0..=cfg.num_hidden_layers)
-            .map(|_| be.zeros(n * c))
+            .map(|_| be.zeros(n * c, Precision::Compute))
             .collect::<Result<Vec<_>, _>>()?;
         let has_lora = r > 0;
         self.acts = Some(Acts {
@@ -295,20 +327,20 @@ impl<B: Backend> Llama<B> {
             xs,
             w: Work {
                 blocks,
-                hf: be.zeros(n * c)?,
-                rstdf: be.zeros(n)?,
-                logits: be.zeros(n * v)?,
-                dres: be.zeros(n * c)?,
-                dh: be.zeros(n * c)?,
-                dq: be.zeros(n * qd)?,
-                dk: be.zeros(n * kvd)?,
-                dv: be.zeros(n * kvd)?,
-                datt: be.zeros(n * qd)?,
-                dgate: be.zeros(n * f)?,
-                dup: be.zeros(n * f)?,
-                dact: be.zeros(n * f)?,
-                lora_x: be.zeros(if has_lora { n * max_in } else { 0 })?,
-                lora_dxa: be.zeros(if has_lora { n * r } else { 0 })?,
+                hf: be.zeros(n * c, Precision::Compute)?,
+                rstdf: be.zeros(n, Precision::F32)?,
+                logits: be.zeros(n * v, Precision::Compute)?,
+                dres: be.zeros(n * c, Precision::Compute)?,
+                dh: be.zeros(n * c, Precision::Compute)?,
+                dq: be.zeros(n * qd, Precision::Compute)?,
+                dk: be.zeros(n * kvd, Precision::Compute)?,
+                dv: be.zeros(n * kvd, Precision::Compute)?,
+                datt: be.zeros(n * qd, Precision::Compute)?,
+                dgate: be.zeros(n * f, Precision::Compute)?,
+                dup: be.zeros(n * f, Precision::Compute)?,
+                dact: be.zeros(n * f, Precision::Compute)?,
+                lora_x: be.zeros(if has_lora { n * max_in } else { 0 }, Precision::Compute)?,
+                lora_dxa: be.zeros(if has_lora { n * r } else { 0 }, Precision::Compute)?,
             },
         });
         Ok(())
@@ -627,36 +659,31 @@ impl<B: Backend> FwdCtx<'_, B> {
         self.batch.b * self.batch.t
     }
 
-    /// The LoRA path's input: dropout(x) written into `scratch` when training
-    /// with dropout (the same mask in forward and backward, from `seed`), else x.
-    fn lora_input<'b>(
-        &self,
-        x: &'b B::Buf,
-        scratch: &'b mut B::Buf,
-        n_in: usize,
-        seed: u64,
-    ) -> Result<B::View<'b>> {
-        let be = self.be;
-        let len = self.n() * n_in;
-        Ok(match self.lora.dropout {
-            Some((p, _)) => {
-                let row = self.batch.t * n_in;
-                for (s, &key) in self.batch.sample_keys.iter().enumerate() {
-                    let rows = s * row..(s + 1) * row;
-                    be.dropout_forward(
-                        be.view_mut(scratch, rows.clone()),
-                        be.view(x, rows),
-                        p,
-                        sample_seed(seed, key),
-                    )?;
-                }
-                be.view(scratch, 0..len)
-            }
-            None => all(be, x),
+    /// The LoRA branch's dropout for the module seeded `seed`: one mask seed
+    /// per sample (keyed by the sample, not its place in the batch).
+    fn lora_dropout(&self, seed: u64) -> Option<(f32, Vec<u64>)> {
+        self.lora.dropout.map(|(p, _)| {
+            let seeds = self
+                .batch
+                .sample_keys
+                .iter()
+                .map(|&key| sample_seed(seed, key))
+                .collect();
+            (p, seeds)
         })
     }
 
-    /// y[N,out] (=|+=) x[N,in]·Wᵀ + b + s·dropout(x)·Aᵀ·Bᵀ; keeps dropout(x)·Aᵀ in `xa`.
+    fn lora_shape(&self, lin: &Linear) -> LoraShape {
+        LoraShape {
+            n: self.n(),
+            n_in: lin.n_in,
+            n_out: lin.n_out,
+            r: self.lora.r,
+            scaling: self.lora.scaling,
+        }
+    }
+
+    /// y[N,out] (=|+=) x[N,in]·Wᵀ + s·dropout(x)·Aᵀ·Bᵀ + b; keeps dropout(x)·Aᵀ in `xa`.
     #[allow(clippy::too_many_arguments)]
     fn linear_forward(
         &self,
@@ -670,36 +697,38 @@ impl<B: Backend> FwdCtx<'_, B> {
     ) -> Result<()> {
         let be = self.be;
         let n = self.n();
-        be.gemm(
-            all_mut(be, y),
-            all(be, x),
-            self.w.get(lin.w),
-            Gemm {
-                accumulate,
-                ..Gemm::linear(n, lin.n_out, lin.n_in)
-            },
-        )?;
+        match (lin.lora, xa) {
+            (Some((a, b)), Some(xa)) => {
+                let drop = self.lora_dropout(seed);
+                be.lora_linear_forward(
+                    all_mut(be, y),
+                    all_mut(be, xa),
+                    all_mut(be, lora_x),
+                    all(be, x),
+                    self.w.get(lin.w),
+                    self.w.get(a),
+                    self.w.get(b),
+                    drop.as_ref().map(|(p, seeds)| LoraDropout {
+                        p: *p,
+                        seeds,
+                        rows_per_sample: self.batch.t,
+                    }),
+                    self.lora_shape(lin),
+                    accumulate,
+                )?;
+            }
+            _ => be.gemm(
+                all_mut(be, y),
+                all(be, x),
+                self.w.get(lin.w),
+                Gemm {
+                    accumulate,
+                    ..Gemm::linear(n, lin.n_out, lin.n_in)
+                },
+            )?,
+        }
         if let Some(bias) = lin.bias {
             be.add_bias(all_mut(be, y), self.w.get(bias), lin.n_out)?;
-        }
-        if let (Some((a, b)), Some(xa)) = (lin.lora, xa) {
-            let src = self.lora_input(x, lora_x, lin.n_in, seed)?;
-            be.gemm(
-                all_mut(be, xa),
-                src,
-                self.w.get(a),
-                Gemm::linear(n, self.lora.r, lin.n_in),
-            )?;
-            be.gemm(
-                all_mut(be, y),
-                all(be, xa),
-                self.w.get(b),
-                Gemm {
-                    alpha: self.lora.scaling,
-                    accumulate: true,
-                    ..Gemm::linear(n, lin.n_out, self.lora.r)
-                },
-            )?;
         }
         Ok(())
     }
@@ -721,20 +750,45 @@ impl<B: Backend> FwdCtx<'_, B> {
         let be = self.be;
         let n = self.n();
         let (ni, no) = (lin.n_in, lin.n_out);
-        be.gemm(
-            all_mut(be, dx),
-            all(be, dy),
-            self.w.get(lin.w),
-            Gemm {
-                m: n,
-                n: ni,
-                k: no,
-                trans_a: false,
-                trans_b: false,
-                alpha: 1.0,
-                accumulate: true,
-            },
-        )?;
+        match (lin.lora, xa) {
+            (Some((a, b)), Some(xa)) => {
+                let drop = self.lora_dropout(seed);
+                let (da, db) = two_grads(be, grads, a, b);
+                be.lora_linear_backward(
+                    all_mut(be, dx),
+                    da,
+                    db,
+                    all_mut(be, lora_x),
+                    all_mut(be, lora_dxa),
+                    all(be, dy),
+                    all(be, x),
+                    all(be, xa),
+                    self.w.get(lin.w),
+                    self.w.get(a),
+                    self.w.get(b),
+                    drop.as_ref().map(|(p, seeds)| LoraDropout {
+                        p: *p,
+                        seeds,
+                        rows_per_sample: self.batch.t,
+                    }),
+                    self.lora_shape(lin),
+                )?;
+            }
+            _ => be.gemm(
+                all_mut(be, dx),
+                all(be, dy),
+                self.w.get(lin.w),
+                Gemm {
+                    m: n,
+                    n: ni,
+                    k: no,
+                    trans_a: false,
+                    trans_b: false,
+                    alpha: 1.0,
+                    accumulate: true,
+                },
+            )?,
+        }
         if let Some(dw) = grad(be, grads, lin.w) {
             be.gemm(
                 dw,
@@ -753,102 +807,6 @@ impl<B: Backend> FwdCtx<'_, B> {
         }
         if let Some(db) = lin.bias.and_then(|s| grad(be, grads, s)) {
             be.bias_backward(db, all(be, dy), no)?;
-        }
-        if let (Some((a, b)), Some(xa)) = (lin.lora, xa) {
-            let r = self.lora.r;
-            let s = self.lora.scaling;
-            // dB[out,r] += s · dyᵀ · xa
-            if let Some(db) = grad(be, grads, b) {
-                be.gemm(
-                    db,
-                    all(be, dy),
-                    all(be, xa),
-                    Gemm {
-                        m: no,
-                        n: r,
-                        k: n,
-                        trans_a: true,
-                        trans_b: false,
-                        alpha: s,
-                        accumulate: true,
-                    },
-                )?;
-            }
-            // dxa[N,r] = s · dy · B
-            let dxa = be.view_mut(lora_dxa, 0..n * r);
-            be.gemm(
-                dxa,
-                all(be, dy),
-                self.w.get(b),
-                Gemm {
-                    m: n,
-                    n: r,
-                    k: no,
-                    trans_a: false,
-                    trans_b: false,
-                    alpha: s,
-                    accumulate: false,
-                },
-            )?;
-            // dA[r,in] += dxaᵀ · dropout(x)
-            if let Some(da) = grad(be, grads, a) {
-                let src = self.lora_input(x, lora_x, ni, seed)?;
-                be.gemm(
-                    da,
-                    be.view(lora_dxa, 0..n * r),
-                    src,
-                    Gemm {
-                        m: r,
-                        n: ni,
-                        k: n,
-                        trans_a: true,
-                        trans_b: false,
-                        alpha: 1.0,
-                        accumulate: true,
-                    },
-                )?;
-            }
-            // dx += dropout'(dxa · A)
-            let g = Gemm {
-                m: n,
-                n: ni,
-                k: r,
-                trans_a: false,
-                trans_b: false,
-                alpha: 1.0,
-                accumulate: false,
-            };
-            match self.lora.dropout {
-                Some((p, _)) => {
-                    be.gemm(
-                        be.view_mut(lora_x, 0..n * ni),
-                        be.view(lora_dxa, 0..n * r),
-                        self.w.get(a),
-                        g,
-                    )?;
-                    let row = self.batch.t * ni;
-                    for (s, &key) in self.batch.sample_keys.iter().enumerate() {
-                        let rows = s * row..(s + 1) * row;
-                        be.dropout_backward(
-                            be.view_mut(dx, rows.clone()),
-                            be.view(lora_x, rows),
-                            p,
-                            sample_seed(seed, key),
-                        )?;
-                    }
-                }
-                None => {
-                    be.gemm(
-                        all_mut(be, dx),
-                        be.view(lora_dxa, 0..n * r),
-                        self.w.get(a),
-                        Gemm {
-                            accumulate: true,
-                            ..g
-                        },
-                    )?;
-                }
-            }
         }
         Ok(())
     }

@@ -82,6 +82,37 @@ impl ModelArgs {
     }
 }
 
+/// Where a stage runs: `cpu`, `cuda` (the first GPU) or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?} (expected cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
 /// transformers' `TrainingArguments` that the trainer honours.
 #[derive(Args, Clone, Debug)]
 pub struct TrainingArgs {
@@ -128,6 +159,9 @@ pub struct TrainingArgs {
     pub save_total_limit: Option<usize>,
     #[arg(long = "seed", default_value_t = 42)]
     pub seed: u64,
+    /// cpu, cuda or cuda:N (CUDA libraries are loaded at run time).
+    #[arg(long = "device", default_value = "cpu")]
+    pub device: Device,
     /// A checkpoint dir, or true for the latest checkpoint-* in output_dir.
     #[arg(long = "resume_from_checkpoint")]
     pub resume_from_checkpoint: Option<String>,
@@ -143,9 +177,11 @@ pub struct TrainingArgs {
     pub do_train: Option<bool>,
     #[arg(long = "do_eval", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", hide = true)]
     pub do_eval: Option<bool>,
-    #[arg(long = "bf16", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    /// Compute in bf16 on CUDA (f32 master weights and gradients). No effect on the CPU.
+    #[arg(long = "bf16", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true")]
     pub bf16: Option<bool>,
-    #[arg(long = "fp16", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    /// Compute in fp16 on CUDA, with dynamic loss scaling. No effect on the CPU.
+    #[arg(long = "fp16", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true")]
     pub fp16: Option<bool>,
     #[arg(long = "overwrite_output_dir", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", hide = true)]
     pub overwrite_output_dir: Option<bool>,
@@ -156,12 +192,34 @@ pub struct TrainingArgs {
 }
 
 impl TrainingArgs {
+    /// The CUDA compute type from --bf16/--fp16 (f32 when neither, as in
+    /// transformers). On the CPU both are accepted and have no effect.
+    pub fn cuda_dtype(&self) -> Result<rlhf_kernels::cuda::Dtype> {
+        use rlhf_kernels::cuda::Dtype;
+        let (bf16, fp16) = (self.bf16 == Some(true), self.fp16 == Some(true));
+        if bf16 && fp16 {
+            anyhow::bail!("--bf16 and --fp16 are both set; choose one");
+        }
+        if self.device == Device::Cpu {
+            if bf16 || fp16 {
+                tracing::warn!("--bf16/--fp16 have no effect on the CPU, which computes in f32");
+            }
+            return Ok(Dtype::F32);
+        }
+        Ok(if bf16 {
+            Dtype::Bf16
+        } else if fp16 {
+            Dtype::F16
+        } else {
+            tracing::info!("computing in f32 on {}; --bf16 is much faster", self.device);
+            Dtype::F32
+        })
+    }
+
     pub fn to_train_args(&self) -> Result<TrainArgs> {
         for (name, set) in [
             ("do_train", self.do_train.is_some()),
             ("do_eval", self.do_eval.is_some()),
-            ("bf16", self.bf16.is_some()),
-            ("fp16", self.fp16.is_some()),
             ("overwrite_output_dir", self.overwrite_output_dir.is_some()),
             ("report_to", self.report_to.is_some()),
             (

@@ -1,7 +1,7 @@
 //! `rlhf pt`: continued pre-training (MedicalGPT `pretraining.py`): text files
 //! → tokens → EOS-joined blocks of block_size → causal-LM training.
 
-use super::args::{parse_bool, ModelArgs, TrainingArgs};
+use super::args::{parse_bool, Device, ModelArgs, TrainingArgs};
 use crate::collective::{Collective, Single};
 use crate::data::pretrain::{build_pt_blocks, read_text_dir, PtDataArgs};
 use crate::fsutil::write_json_atomic;
@@ -11,7 +11,8 @@ use crate::tokenizer::Tokenizer;
 use crate::train::{train_dist, Dist, EvalResult, NoHooks, Sample, TrainHooks, TrainSummary};
 use anyhow::{Context, Result};
 use clap::Args;
-use rlhf_kernels::Cpu;
+use rlhf_kernels::cuda::Cuda;
+use rlhf_kernels::{Backend, Cpu};
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -57,17 +58,25 @@ pub struct PtResult {
     pub results: serde_json::Value,
 }
 
-/// `rlhf pt` in one process.
+/// `rlhf pt` in one process, on the device it asks for.
 pub fn run(args: &PtArgs) -> Result<PtResult> {
-    run_dist(args, &mut Single, None, &mut NoHooks)
+    match args.training.device {
+        Device::Cpu => run_dist(Cpu, args, &mut Single, None, &mut NoHooks),
+        Device::Cuda(n) => {
+            let be = Cuda::new(n, args.training.cuda_dtype()?)?;
+            tracing::info!(device = ?be, "CUDA backend ready");
+            run_dist(be, args, &mut Single, None, &mut NoHooks)
+        }
+    }
 }
 
 /// One rank of a data-parallel PT stage. `global_batch` defaults to
 /// world × per-device batch × accumulation. Every rank reads the whole data
 /// set (the split between ranks is by sample index); rank 0 writes the outputs.
-pub fn run_dist(
+pub fn run_dist<B: Backend>(
+    be: B,
     args: &PtArgs,
-    collective: &mut dyn Collective<Cpu>,
+    collective: &mut dyn Collective<B>,
     global_batch: Option<usize>,
     hooks: &mut dyn TrainHooks,
 ) -> Result<PtResult> {
@@ -103,7 +112,7 @@ pub fn run_dist(
     let eval_samples: Vec<Sample> = blocks.eval.into_iter().map(Sample::causal).collect();
 
     let mode = args.model.train_mode()?;
-    let mut model = load_model(Cpu, &args.model.model_name_or_path, mode, targs.seed)?;
+    let mut model = load_model(be, &args.model.model_name_or_path, mode, targs.seed)?;
     if model.cfg.vocab_size < tokenizer.vocab_size() {
         tracing::warn!(
             "tokenizer has {} tokens but the model's vocab_size is {}; ids beyond it are errors",
@@ -135,7 +144,7 @@ pub fn run_dist(
         );
     }
     let base = args.model.model_name_or_path.clone();
-    let save = |m: &crate::model::Llama<Cpu>, dir: &std::path::Path| {
+    let save = |m: &crate::model::Llama<B>, dir: &std::path::Path| {
         super::save_weights(m, dir, &base, &tokenizer_dir)
     };
     targs.show_progress = true;

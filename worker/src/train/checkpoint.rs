@@ -18,6 +18,9 @@ pub struct TrainerState {
     pub seed: u64,
     /// Length of the flat trainable buffer, to catch a mismatched model.
     pub train_len: usize,
+    /// fp16 loss scaler (absent in checkpoints of f32/bf16 runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<super::loss_scale::LossScaler>,
 }
 
 pub const STATE_FILE: &str = "trainer_state.json";

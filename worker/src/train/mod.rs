@@ -1,6 +1,7 @@
 //! Training: schedules, AdamW, the shared loop, checkpoints, metrics.
 
 pub mod checkpoint;
+pub mod loss_scale;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;

@@ -4,7 +4,7 @@
 use crate::model::params::Layout;
 use crate::model::Llama;
 use anyhow::Result;
-use rlhf_kernels::{AdamW, Backend};
+use rlhf_kernels::{AdamW, Backend, Precision};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct OptimConfig {
@@ -29,8 +29,8 @@ impl<B: Backend> Optimizer<B> {
         let n = model.layout.train_len;
         Ok(Optimizer {
             cfg,
-            m: model.be.zeros(n)?,
-            v: model.be.zeros(n)?,
+            m: model.be.zeros(n, Precision::F32)?,
+            v: model.be.zeros(n, Precision::F32)?,
             step: 0,
         })
     }
@@ -43,11 +43,21 @@ impl<B: Backend> Optimizer<B> {
             .sqrt())
     }
 
-    /// Clip, then update every trainable tensor. Returns the pre-clip norm.
-    pub fn step(&mut self, model: &mut Llama<B>, lr: f64) -> Result<f64> {
-        let norm = Self::grad_norm(model)?;
+    /// Unscale (gradients carry the loss scale `1/unscale`), clip, then
+    /// update every trainable tensor. Returns the pre-clip norm of the
+    /// unscaled gradients, or None — and changes nothing — when the
+    /// gradients are not finite (an fp16 overflow: the step is skipped).
+    pub fn step(&mut self, model: &mut Llama<B>, lr: f64, unscale: f32) -> Result<Option<f64>> {
+        let scaled_norm = Self::grad_norm(model)?;
+        if !scaled_norm.is_finite() {
+            return Ok(None);
+        }
         let be = &model.be;
         let n = model.layout.train_len;
+        if unscale != 1.0 {
+            be.scale(be.view_mut(&mut model.grads, 0..n), unscale)?;
+        }
+        let norm = scaled_norm * unscale as f64;
         if self.cfg.max_grad_norm > 0.0 {
             // torch.nn.utils.clip_grad_norm_: scale by min(1, max/(norm+1e-6)).
             let coef = (self.cfg.max_grad_norm as f64 / (norm + 1e-6)).min(1.0);
@@ -78,6 +88,6 @@ impl<B: Backend> Optimizer<B> {
                 h,
             )?;
         }
-        Ok(norm)
+        Ok(Some(norm))
     }
 }

@@ -2,6 +2,7 @@
 //! order, gradient accumulation normalised by the tokens of the whole optimizer
 //! step, clipping, AdamW, schedules, logging, evaluation, checkpoints, resume.
 
+use super::loss_scale::LossScaler;
 use super::checkpoint::{self, TrainerState};
 use super::metrics::{Metrics, Progress};
 use super::optim::{OptimConfig, Optimizer};
@@ -11,7 +12,7 @@ use crate::model::{Batch, Llama};
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use rlhf_kernels::Backend;
+use rlhf_kernels::{Backend, Precision};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -203,7 +204,7 @@ fn sum_over_ranks<B: Backend, const N: usize>(
         return Ok(values);
     }
     let host: Vec<f32> = values.iter().map(|&v| v as f32).collect();
-    let mut buf = model.be.upload(&host)?;
+    let mut buf = model.be.upload(&host, Precision::F32)?;
     collective.all_reduce_sum(&model.be, &mut buf, 0..N)?;
     let back = model.be.download(model.be.view(&buf, 0..N))?;
     let mut out = [0.0; N];
@@ -370,6 +371,7 @@ pub fn train_dist<B: Backend>(
         None
     };
 
+    let mut scaler = LossScaler::new(model.be.needs_loss_scaling());
     let mut start_step = 0;
     if let Some(dir) = resume_dir {
         let (state, m, v) = checkpoint::load(&dir)?;
@@ -400,6 +402,9 @@ pub fn train_dist<B: Backend>(
             .write(model.be.view_mut(&mut opt.v, 0..v.len()), &v)?;
         opt.step = state.global_step;
         start_step = state.global_step;
+        if let (true, Some(saved)) = (scaler.enabled, state.loss_scaler) {
+            scaler = saved;
+        }
         if let Some(m) = metrics.as_mut() {
             m.truncate_after(start_step)?;
         }
@@ -444,8 +449,11 @@ pub fn train_dist<B: Backend>(
             let refs: Vec<&Sample> = idx.iter().map(|&i| &train[i]).collect();
             let keys: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
             let batch = collate_keyed(&refs, &keys, pad_id);
-            let stats =
-                model.forward_backward(&batch, 1.0 / step_tokens as f32, Some(dropout_seed))?;
+            let stats = model.forward_backward(
+                &batch,
+                scaler.scale / step_tokens as f32,
+                Some(dropout_seed),
+            )?;
             loss_sum += stats.loss_sum;
             local_tokens += batch.b * batch.t;
         }
@@ -458,7 +466,14 @@ pub fn train_dist<B: Backend>(
             sum_over_ranks(model, dist.collective, [loss_sum, local_tokens as f64])?;
         tokens_seen += step_seen as usize;
         let lr = schedule.lr(step);
-        let grad_norm = opt.step(model, lr)?;
+        let grad_norm = opt.step(model, lr, 1.0 / scaler.scale)?;
+        if !scaler.update(grad_norm.is_some()) {
+            if !scaler.enabled {
+                bail!("the gradients became non-finite at step {}; lower the learning rate or check the data", step + 1);
+            }
+            tracing::warn!(step = step + 1, scale = scaler.scale, "fp16 gradients overflowed: step skipped, loss scale halved");
+        }
+        let grad_norm = grad_norm.unwrap_or(f64::NAN);
         step += 1;
         let loss = loss_sum / step_tokens as f64;
         if !loss.is_finite() {
@@ -525,6 +540,7 @@ pub fn train_dist<B: Backend>(
                     steps_per_epoch,
                     seed: args.seed,
                     train_len: model.layout.train_len,
+                    loss_scaler: scaler.enabled.then_some(scaler),
                 };
                 let (m, v) = (
                     model

@@ -199,11 +199,15 @@ pub fn include_dir() -> Result<PathBuf, KernelError> {
     }
     cands
         .iter()
-        .find(|d| d.join("cuda_fp16.h").exists() && d.join("cuda_bf16.h").exists())
+        .find(|d| {
+            d.join("cuda_fp16.h").exists()
+                && d.join("cuda_bf16.h").exists()
+                && d.join("crt/mma.h").exists()
+        })
         .cloned()
         .ok_or_else(|| {
             KernelError::Unavailable(format!(
-                "CUDA headers (cuda_fp16.h, cuda_bf16.h) were not found in {}; \
+                "CUDA headers (cuda_fp16.h, cuda_bf16.h, crt/mma.h) were not found in {}; \
                  set RLHF_CUDA_INCLUDE to a CUDA 13 include folder",
                 cands
                     .iter()

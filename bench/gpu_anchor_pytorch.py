@@ -135,6 +135,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--plan", help="only these configs, comma-separated shape:batch[:gc], "
+                    "e.g. llama3.2-1b:8 (scripts/gpu-check.sh runs one side by side with rlhf)")
     a = ap.parse_args()
     if a.tiny:
         dev, dtype, seq = torch.device("cpu"), torch.float32, 64
@@ -144,6 +146,11 @@ def main():
         plan = [("llama3.2-1b", b, False) for b in (1, 2, 4, 8)] + \
                [("llama3.2-1b", 16, True)] + \
                [("tinyllama-1.1b", b, False) for b in (4, 8)] + [("tinyllama-1.1b", 16, True)]
+    if a.plan:
+        plan = []
+        for item in a.plan.split(","):
+            parts = item.split(":")
+            plan.append((parts[0], int(parts[1]), len(parts) > 2 and parts[2] == "gc"))
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = measure_peak(dev, dtype)
     env = dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,

@@ -18,6 +18,7 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use rlhf_kernels::{AdamW, AttnShape, Backend, Cpu, Gemm, Precision};
 use rlhf_worker::model::params::{TensorKind, LINEAR_MODULES};
+use rlhf_worker::stages::args::Device;
 use rlhf_worker::model::{Batch, Llama, LoraConfig, ModelConfig, TrainMode};
 use rlhf_worker::train::optim::{OptimConfig, Optimizer};
 use serde_json::{json, Value};
@@ -33,6 +34,9 @@ pub enum BenchModel {
     Tiny,
     /// hidden 512, intermediate 1376, 8 layers, 8 heads, 4 kv heads, vocab 8000; seq 256, batch 4.
     Medium,
+    /// Llama-3.2-1B's shape (hidden 2048, intermediate 8192, 16 layers, 32 heads,
+    /// 8 kv heads, vocab 128256, tied embeddings); seq 2048, batch 8. For GPUs.
+    Llama1b,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -74,26 +78,45 @@ pub struct BenchArgs {
     #[arg(long = "rounds", default_value_t = 5)]
     pub rounds: usize,
     /// Time every backend op of the timed steps and print where the time goes
-    /// (adds a clock read per op, so the step is a little slower).
+    /// (adds a clock read per op, so the step is a little slower). CPU only.
     #[arg(long = "profile")]
     pub profile: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long = "device", default_value = "cpu")]
+    pub device: Device,
+    /// CUDA compute type bf16 (else f32).
+    #[arg(long = "bf16")]
+    pub bf16: bool,
+    /// CUDA compute type fp16 (with loss scaling).
+    #[arg(long = "fp16")]
+    pub fp16: bool,
+    /// CUDA: instead of training, time the fused LoRA linear (forward,
+    /// forward+backward) against the base weight's cuBLAS GEMMs alone, on the
+    /// model's linear shapes.
+    #[arg(long = "lora_linear")]
+    pub lora_linear: bool,
 }
 
 /// The benchmark's model, batch shape and training mode.
-struct Setup {
-    name: &'static str,
-    cfg: ModelConfig,
-    mode: TrainMode,
-    b: usize,
-    t: usize,
+pub(crate) struct Setup {
+    pub(crate) name: &'static str,
+    pub(crate) cfg: ModelConfig,
+    pub(crate) mode: TrainMode,
+    pub(crate) b: usize,
+    pub(crate) t: usize,
 }
 
-fn setup(a: &BenchArgs) -> Result<Setup> {
+pub(crate) fn setup(a: &BenchArgs) -> Result<Setup> {
     // Intermediate sizes follow Llama's rule, 8/3·hidden rounded up to a
     // multiple of 16: 1376 for 512 and 176 for 64.
     let (name, c, f, l, nh, nkv, b, t) = match a.model {
         BenchModel::Tiny => ("tiny", 64, 176, 2, 4, 2, 4, 128),
         BenchModel::Medium => ("medium", 512, 1376, 8, 8, 4, 4, 256),
+        BenchModel::Llama1b => ("llama3.2-1b", 2048, 8192, 16, 32, 8, 8, 2048),
+    };
+    let (vocab, tied, theta) = match a.model {
+        BenchModel::Llama1b => (128_256, true, 500_000.0),
+        _ => (8000, false, 10_000.0),
     };
     let (b, t) = (a.batch_size.unwrap_or(b), a.seq_len.unwrap_or(t));
     if b == 0 || t < 2 {
@@ -101,7 +124,7 @@ fn setup(a: &BenchArgs) -> Result<Setup> {
     }
     let cfg = ModelConfig::from_json(json!({
         "model_type": "llama",
-        "vocab_size": 8000,
+        "vocab_size": vocab,
         "hidden_size": c,
         "intermediate_size": f,
         "num_hidden_layers": l,
@@ -109,8 +132,8 @@ fn setup(a: &BenchArgs) -> Result<Setup> {
         "num_key_value_heads": nkv,
         "max_position_embeddings": t.max(256),
         "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": false,
+        "rope_theta": theta,
+        "tie_word_embeddings": tied,
         "hidden_act": "silu",
     }))?;
     let mode = match a.mode {
@@ -134,15 +157,15 @@ fn setup(a: &BenchArgs) -> Result<Setup> {
 
 /// Model FLOPs of one training step; see the module doc.
 #[derive(Clone, Copy, Debug)]
-struct Flops {
-    matmul_params: usize,
-    lora_params: usize,
-    linear: f64,
-    attention: f64,
+pub(crate) struct Flops {
+    pub(crate) matmul_params: usize,
+    pub(crate) lora_params: usize,
+    pub(crate) linear: f64,
+    pub(crate) attention: f64,
 }
 
 impl Flops {
-    fn new(s: &Setup) -> Flops {
+    pub(crate) fn new(s: &Setup) -> Flops {
         let cfg = &s.cfg;
         let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (qd, kvd, l) = (cfg.q_dim(), cfg.kv_dim(), cfg.num_hidden_layers);
@@ -173,7 +196,7 @@ impl Flops {
         }
     }
 
-    fn total(&self) -> f64 {
+    pub(crate) fn total(&self) -> f64 {
         self.linear + self.attention
     }
 }
@@ -269,7 +292,7 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-fn median(xs: &[f64]) -> f64 {
+pub(crate) fn median(xs: &[f64]) -> f64 {
     if xs.is_empty() {
         return f64::NAN;
     }
@@ -293,6 +316,12 @@ fn threads() -> usize {
 
 pub fn run(a: &BenchArgs) -> Result<()> {
     let s = setup(a)?;
+    if let Device::Cuda(ordinal) = a.device {
+        return crate::bench_cuda::run(a, &s, ordinal);
+    }
+    if a.lora_linear {
+        bail!("--lora_linear times CUDA kernels: add --device cuda");
+    }
     if a.gemm_peak {
         return gemm_peak(a, &s);
     }
@@ -361,7 +390,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn mode_name(m: BenchMode) -> &'static str {
+pub(crate) fn mode_name(m: BenchMode) -> &'static str {
     match m {
         BenchMode::Lora => "lora",
         BenchMode::Full => "full",
@@ -371,7 +400,7 @@ fn mode_name(m: BenchMode) -> &'static str {
 /// Warm up, then time `a.steps` steps. `start_timing` runs once before the
 /// timed steps (the profiler switches itself on there).
 #[allow(clippy::type_complexity)]
-fn train<B: Backend>(
+pub(crate) fn train<B: Backend>(
     a: &BenchArgs,
     s: &Setup,
     be: B,

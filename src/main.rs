@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_allreduce;
+mod bench_cuda;
 mod demo;
 mod launch;
 mod run;

@@ -50,6 +50,7 @@ fn is_shape_err<T: std::fmt::Debug>(r: Result<T, KernelError>) -> bool {
 // ---- elementwise --------------------------------------------------------
 
 #[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it)"]
 fn axpy_and_scale_match_cpu() {
     for (cu, tol) in backends("axpy_and_scale_match_cpu") {
         let mut r = rng(1);
@@ -93,6 +94,7 @@ fn axpy_and_scale_match_cpu() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it)"]
 fn sum_squares_matches_cpu_and_propagates_non_finite() {
     for (cu, _tol) in backends("sum_squares_matches_cpu_and_propagates_non_finite") {
         let mut r = rng(2);
@@ -135,6 +137,7 @@ fn sum_squares_matches_cpu_and_propagates_non_finite() {
 // ---- bias ---------------------------------------------------------------
 
 #[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it)"]
 fn bias_matches_cpu() {
     for (cu, tol) in backends("bias_matches_cpu") {
         let mut r = rng(3);
@@ -187,6 +190,7 @@ fn bias_matches_cpu() {
 // ---- embedding ------------------------------------------------------------
 
 #[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it)"]
 fn embedding_matches_cpu() {
     for (cu, tol) in backends("embedding_matches_cpu") {
         let mut r = rng(4);
@@ -245,6 +249,7 @@ fn embedding_matches_cpu() {
 // ---- RMSNorm --------------------------------------------------------------
 
 #[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it)"]
 fn rmsnorm_matches_cpu() {
     for (cu, tol) in backends("rmsnorm_matches_cpu") {
         let mut r = rng(5);
@@ -373,6 +378,7 @@ fn rope_tables(p: usize, hd: usize) -> (Vec<f32>, Vec<f32>) {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it)"]
 fn rope_matches_cpu() {
     for (cu, tol) in backends("rope_matches_cpu") {
         let mut r = rng(6);
@@ -448,6 +454,7 @@ fn rope_matches_cpu() {
 // ---- SwiGLU ---------------------------------------------------------------
 
 #[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it)"]
 fn swiglu_matches_cpu() {
     for (cu, tol) in backends("swiglu_matches_cpu") {
         let mut r = rng(7);
@@ -503,6 +510,7 @@ fn swiglu_matches_cpu() {
 // ---- dropout --------------------------------------------------------------
 
 #[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it)"]
 fn dropout_matches_cpu_mask_exactly() {
     for (cu, tol) in backends("dropout_matches_cpu_mask_exactly") {
         let mut r = rng(8);
@@ -571,6 +579,7 @@ fn dropout_matches_cpu_mask_exactly() {
 // ---- cross-entropy --------------------------------------------------------
 
 #[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it)"]
 fn cross_entropy_matches_cpu() {
     for (cu, tol) in backends("cross_entropy_matches_cpu") {
         let mut r = rng(9);
@@ -652,6 +661,7 @@ fn cross_entropy_matches_cpu() {
 // ---- AdamW ----------------------------------------------------------------
 
 #[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it)"]
 fn adamw_matches_cpu() {
     for (cu, _tol) in backends("adamw_matches_cpu") {
         let mut r = rng(10);

@@ -238,3 +238,26 @@ fn eval_of_a_bad_validation_file_names_file_and_line() {
     r.assert_stderr_has(&["v.jsonl:3", "expected a JSON object"]);
     assert_eq!(r.stdout, "", "no JSON result on failure");
 }
+
+#[test]
+fn cuda_without_a_driver_is_a_clear_error() {
+    if rlhf_kernels::cuda::loader::require(rlhf_kernels::cuda::loader::DRIVER).is_ok() {
+        eprintln!("SKIPPED cuda_without_a_driver_is_a_clear_error: this machine has a CUDA driver");
+        return;
+    }
+    let s = setup();
+    let r = pt_fails(
+        &s,
+        &s.model,
+        &s.data,
+        &[("device", "cuda"), ("bf16", "true")],
+        &["libcuda.so.1", "was not found", "RLHF_CUDA_LIB_DIRS"],
+    );
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+}
+
+#[test]
+fn unknown_device_is_refused() {
+    let s = setup();
+    pt_fails(&s, &s.model, &s.data, &[("device", "tpu:0")], &["tpu:0", "cpu, cuda or cuda:N"]);
+}

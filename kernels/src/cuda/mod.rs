@@ -261,6 +261,15 @@ impl Cuda {
             .map_err(|e| self.driver_err("synchronize", e))
     }
 
+    /// (free, total) bytes of device memory.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.inner
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| self.driver_err("binding", e))?;
+        cudarc::driver::result::mem_get_info().map_err(|e| self.driver_err("mem_get_info", e))
+    }
+
     /// A compiled kernel by its `extern "C"` name.
     pub(crate) fn func(&self, name: &str) -> Result<&CudaFunction> {
         self.inner.funcs.get(name).ok_or_else(|| {

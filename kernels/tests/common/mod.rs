@@ -1,7 +1,9 @@
 //! Shared by the CUDA op tests (kernels/tests/cuda_*.rs): each test runs a
 //! CUDA op and the CPU op (the reference) on the same fresh random inputs and
-//! compares. Without a GPU the tests print SKIPPED and pass, unless
-//! RLHF_REQUIRE_GPU=1 (set by scripts/gpu-check.sh), which makes that a failure.
+//! compares. The tests are `#[ignore]`d (cargo test lists them as ignored,
+//! "needs a CUDA GPU"); scripts/gpu-check.sh runs them with
+//! `--include-ignored` and RLHF_REQUIRE_GPU=1, under which a missing GPU is a
+//! failure. Run by hand without a GPU, they print SKIPPED and pass.
 #![allow(dead_code)]
 
 use rand::{Rng, SeedableRng};

@@ -71,7 +71,8 @@ for t in cuda_ops cuda_attention cuda_lora cuda_gemm; do
 done
 
 # (b) 20 steps, CPU vs CUDA ----------------------------------------------------
-"$rlhf" demo --output_dir "$work/demo" --train_docs 400 --num_train_epochs 0.05 >>"$log" 2>&1
+# Only the demo's model and corpus are used here (its own short PT may fail its check).
+"$rlhf" demo --output_dir "$work/demo" --train_docs 400 --num_train_epochs 0.05 >>"$log" 2>&1 || true
 common=(--model_name_or_path "$work/demo/base-model" --train_file_dir "$work/demo/data/train"
         --validation_file_dir "$work/demo/data/valid" --block_size 128 --per_device_train_batch_size 4
         --max_steps 20 --logging_steps 1 --save_steps 0 --learning_rate 1e-3 --seed 7

@@ -185,14 +185,15 @@ impl Fleet {
                 .div_ceil(n.max(1))
                 .max(1),
         };
-        for _ in 0..n {
-            let c = f.spawn()?;
+        for i in 0..n {
+            let c = f.spawn(i)?;
             f.children.push(c);
         }
         Ok(f)
     }
 
-    fn spawn(&self) -> Result<Child> {
+    /// Start local worker `slot` (0-based).
+    fn spawn(&self, slot: usize) -> Result<Child> {
         let exe = std::env::current_exe().context("finding the rlhf binary")?;
         let mut cmd = Command::new(exe);
         cmd.args(["worker", "--coordinator", &self.url, "--root", "."])
@@ -203,10 +204,14 @@ impl Fleet {
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             cmd.env("RAYON_NUM_THREADS", self.threads_each.to_string());
         }
+        // One GPU per local worker (as torchrun's LOCAL_RANK): worker i sees
+        // the i-th of CUDA_VISIBLE_DEVICES (or GPU i), as its `cuda:0`.
+        cmd.env("CUDA_VISIBLE_DEVICES", gpu_for_slot(slot));
         cmd.spawn().context("starting a worker process")
     }
 
     /// Replace workers that exited with an error (a crash or a kill).
+    /// A replacement takes the dead worker's slot (and so its GPU).
     /// Returns how many are running.
     fn replace_dead(&mut self, max_restarts: usize) -> Result<usize> {
         let mut running = 0;
@@ -225,7 +230,7 @@ impl Fleet {
                     restart = self.restarts,
                     "a worker process died; starting a replacement"
                 );
-                self.children[i] = self.spawn()?;
+                self.children[i] = self.spawn(i)?;
                 running += 1;
             }
         }
@@ -259,5 +264,40 @@ impl Drop for Fleet {
                 let _ = c.wait();
             }
         }
+    }
+}
+
+/// The GPU local worker `slot` is given: the slot-th entry (cycling) of the
+/// user's CUDA_VISIBLE_DEVICES, or GPU `slot` when it is unset.
+fn gpu_for_slot(slot: usize) -> String {
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default();
+    pick_gpu(&visible, slot)
+}
+
+fn pick_gpu(visible: &str, slot: usize) -> String {
+    let list: Vec<&str> = visible
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if list.is_empty() {
+        slot.to_string()
+    } else {
+        list[slot % list.len()].to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick_gpu;
+
+    #[test]
+    fn each_local_worker_gets_its_own_gpu() {
+        assert_eq!(pick_gpu("", 0), "0");
+        assert_eq!(pick_gpu("", 3), "3");
+        assert_eq!(pick_gpu("4,5", 0), "4");
+        assert_eq!(pick_gpu("4, 5", 1), "5");
+        assert_eq!(pick_gpu("4,5", 2), "4", "more workers than GPUs share them in turn");
+        assert_eq!(pick_gpu("GPU-1a2b", 1), "GPU-1a2b");
     }
 }

@@ -95,7 +95,15 @@ pub fn compile_source(src: &str, arch: &'static str) -> Result<Ptx, KernelError>
 /// compiled before, else compiled and stored (written to a temporary file,
 /// then renamed, so a crash never leaves a torn entry).
 pub fn compile_cached(arch: &'static str) -> Result<Ptx, KernelError> {
-    let key = format!("{:016x}-{arch}", fnv1a(program_source().as_bytes()));
+    loader::require(loader::NVRTC)?;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: NVRTC is loaded (checked above); nvrtcVersion writes two ints.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    // A newer NVRTC may emit PTX an older driver cannot load: keyed by version too.
+    let key = format!(
+        "{:016x}-{arch}-nvrtc{major}.{minor}",
+        fnv1a(program_source().as_bytes())
+    );
     let dir = cache_dir();
     let path = dir.join(format!("{key}.ptx"));
     if let Ok(text) = std::fs::read_to_string(&path) {

@@ -157,6 +157,7 @@ mod tests {
                 steps_per_epoch: 3,
                 seed: 1,
                 train_len: 3,
+                loss_scaler: None,
             };
             save(
                 dir.path(),

@@ -165,6 +165,7 @@ fn bits(x: &[f32]) -> Vec<u32> {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it)"]
 fn attention_matches_cpu() {
     for (cu, tol) in backends("attention_matches_cpu") {
         for (n, (s, masked)) in cases().into_iter().enumerate() {
@@ -264,6 +265,7 @@ fn attention_matches_cpu() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it)"]
 fn attention_rejects_bad_shapes() {
     for (cu, _) in backends("attention_rejects_bad_shapes") {
         let is_shape = |r: Result<(), KernelError>| matches!(r, Err(KernelError::Shape { .. }));

@@ -1055,6 +1055,10 @@ mod tests {
             gemm_peak: false,
             rounds: 1,
             profile: false,
+            device: Device::Cpu,
+            bf16: false,
+            fp16: false,
+            lora_linear: false,
         }
     }
 

@@ -51,9 +51,12 @@ pub const NCCL: Lib = Lib {
     companion: None,
 };
 
+/// (SONAME, where it was found, the open library).
+type Opened = Vec<(&'static str, PathBuf, Library)>;
+
 /// Libraries opened here, kept open for the life of the process.
-fn opened() -> &'static Mutex<Vec<(&'static str, PathBuf, Library)>> {
-    static OPENED: OnceLock<Mutex<Vec<(&'static str, PathBuf, Library)>>> = OnceLock::new();
+fn opened() -> &'static Mutex<Opened> {
+    static OPENED: OnceLock<Mutex<Opened>> = OnceLock::new();
     OPENED.get_or_init(|| Mutex::new(Vec::new()))
 }
 

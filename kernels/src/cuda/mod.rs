@@ -118,18 +118,6 @@ pub struct CudaViewMut<'a> {
     _buf: PhantomData<&'a mut CudaBuf>,
 }
 
-impl CudaViewMut<'_> {
-    pub(crate) fn as_view(&self) -> CudaView<'_> {
-        CudaView {
-            ptr: self.ptr,
-            len: self.len,
-            dtype: self.dtype,
-            dt: self.dt,
-            _buf: PhantomData,
-        }
-    }
-}
-
 struct Inner {
     ordinal: usize,
     ctx: Arc<CudaContext>,

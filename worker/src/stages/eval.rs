@@ -9,7 +9,10 @@ use crate::tokenizer::Tokenizer;
 use crate::train::{evaluate, Sample};
 use anyhow::{Context, Result};
 use clap::Args;
-use rlhf_kernels::Cpu;
+use super::args::Device;
+use crate::train::EvalResult;
+use rlhf_kernels::cuda::{Cuda, Dtype};
+use rlhf_kernels::{Backend, Cpu};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
@@ -33,6 +36,12 @@ pub struct EvalArgs {
     pub max_eval_samples: Option<usize>,
     #[arg(long = "keep_linebreaks", default_value = "true", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true")]
     pub keep_linebreaks: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long = "device", default_value = "cpu")]
+    pub device: Device,
+    /// On CUDA: compute in bf16 (else f32).
+    #[arg(long = "bf16", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true")]
+    pub bf16: Option<bool>,
 }
 
 pub fn run(args: &EvalArgs) -> Result<Value> {
@@ -59,13 +68,19 @@ pub fn run(args: &EvalArgs) -> Result<Value> {
         Some(p) => TrainMode::Lora(read_adapter_config(p)?),
         None => TrainMode::Full,
     };
-    let mut model = load_model(Cpu, &args.model_name_or_path, mode, 0)?;
-    if let Some(p) = &args.peft_path {
-        model.load_adapter(p)?;
-    }
     // The same padding id `rlhf pt` uses (only a short last block is ever padded).
     let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
-    let r = evaluate(&mut model, &samples, args.per_device_eval_batch_size, pad)?;
+    let r = match args.device {
+        Device::Cpu => eval_on(Cpu, args, mode, &samples, pad)?,
+        Device::Cuda(n) => {
+            let dtype = if args.bf16 == Some(true) {
+                Dtype::Bf16
+            } else {
+                Dtype::F32
+            };
+            eval_on(Cuda::new(n, dtype)?, args, mode, &samples, pad)?
+        }
+    };
     Ok(json!({
         "loss": r.loss,
         "perplexity": r.perplexity,
@@ -74,4 +89,18 @@ pub fn run(args: &EvalArgs) -> Result<Value> {
         "block_size": block_size,
         "documents": docs.len(),
     }))
+}
+
+fn eval_on<B: Backend>(
+    be: B,
+    args: &EvalArgs,
+    mode: TrainMode,
+    samples: &[Sample],
+    pad: u32,
+) -> Result<EvalResult> {
+    let mut model = load_model(be, &args.model_name_or_path, mode, 0)?;
+    if let Some(p) = &args.peft_path {
+        model.load_adapter(p)?;
+    }
+    evaluate(&mut model, samples, args.per_device_eval_batch_size, pad)
 }

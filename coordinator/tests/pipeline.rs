@@ -404,3 +404,19 @@ fn no_stages_and_missing_file() {
     let e = Pipeline::load(Path::new("/no/such/pipeline.toml")).unwrap_err();
     assert_has(&format!("{e:#}"), &["/no/such/pipeline.toml"]);
 }
+
+#[test]
+fn device_key_selects_cuda_and_bad_devices_are_named() {
+    let p = parse(
+        "[[stage]]\nname = \"pt\"\nkind = \"pt\"\nmodel_name_or_path = \"m\"\ntrain_file_dir = \"t\"\noutput_dir = \"o\"\ndevice = \"cuda:1\"\nbf16 = true\n",
+    )
+    .unwrap();
+    let argv = p.stage_argv(0).unwrap();
+    let at = argv.iter().position(|a| a == "--device").expect("--device passed on");
+    assert_eq!(argv[at + 1], "cuda:1");
+    assert!(argv.iter().any(|a| a == "--bf16"), "{argv:?}");
+    let msg = error(
+        "[[stage]]\nname = \"pt\"\nkind = \"pt\"\nmodel_name_or_path = \"m\"\ntrain_file_dir = \"t\"\noutput_dir = \"o\"\ndevice = \"tpu\"\n",
+    );
+    assert_has(&msg, &["p.toml:7:", "device", "tpu", "cpu, cuda or cuda:N"]);
+}

@@ -250,7 +250,7 @@ fn cuda_without_a_driver_is_a_clear_error() {
         &s,
         &s.model,
         &s.data,
-        &[("device", "cuda"), ("bf16", "true")],
+        &[("--device", "cuda"), ("--bf16", "true")],
         &["libcuda.so.1", "was not found", "RLHF_CUDA_LIB_DIRS"],
     );
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
@@ -259,5 +259,5 @@ fn cuda_without_a_driver_is_a_clear_error() {
 #[test]
 fn unknown_device_is_refused() {
     let s = setup();
-    pt_fails(&s, &s.model, &s.data, &[("device", "tpu:0")], &["tpu:0", "cpu, cuda or cuda:N"]);
+    pt_fails(&s, &s.model, &s.data, &[("--device", "tpu:0")], &["tpu:0", "cpu, cuda or cuda:N"]);
 }

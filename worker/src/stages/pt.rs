@@ -60,10 +60,11 @@ pub struct PtResult {
 
 /// `rlhf pt` in one process, on the device it asks for.
 pub fn run(args: &PtArgs) -> Result<PtResult> {
+    let dtype = args.training.cuda_dtype()?;
     match args.training.device {
         Device::Cpu => run_dist(Cpu, args, &mut Single, None, &mut NoHooks),
         Device::Cuda(n) => {
-            let be = Cuda::new(n, args.training.cuda_dtype()?)?;
+            let be = Cuda::new(n, dtype)?;
             tracing::info!(device = ?be, "CUDA backend ready");
             run_dist(be, args, &mut Single, None, &mut NoHooks)
         }

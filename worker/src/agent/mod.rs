@@ -159,10 +159,15 @@ async fn register(
     let start = Instant::now();
     let mut delay = Duration::from_millis(100);
     let mut warned = false;
+    // What `rlhf status` shows: the GPUs this worker can see, if any.
+    let device_kind = match rlhf_kernels::cuda::device_count() {
+        Ok(n) if n > 0 => format!("cpu+{n} cuda"),
+        _ => "cpu".to_string(),
+    };
     loop {
         let req = pb::RegisterRequest {
             host: host.to_string(),
-            device_kind: "cpu".into(),
+            device_kind: device_kind.clone(),
             device_memory_bytes: total_memory_bytes(),
             peer_address: peer_address.to_string(),
             version: env!("CARGO_PKG_VERSION").into(),

@@ -44,7 +44,7 @@ pub(crate) use simd_fn;
 const L: usize = 8;
 
 /// e^x with a relative error below 2e-7 over the whole f32 range; exactly 0
-/// for x < −87.3 (and −inf), +inf above 88.7. Cephes' expf: x = n·ln2 + r,
+/// for x < −87.3 (and −inf), +inf above 88.7, NaN for NaN. Cephes' expf: x = n·ln2 + r,
 /// |r| ≤ ln2/2, e^r by a degree-7 polynomial, 2^n by building the exponent bits.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
@@ -73,6 +73,10 @@ pub fn exp(x: f32) -> f32 {
         0.0
     } else if x > 88.7 {
         f32::INFINITY
+    } else if x.is_nan() {
+        // The clamp above turned NaN into −87: give it back, so a NaN logit
+        // shows as a NaN loss (as on CUDA) instead of a tiny probability.
+        x
     } else {
         y
     }
@@ -228,6 +232,7 @@ mod tests {
         assert_eq!(exp(-100.0), 0.0);
         assert_eq!(exp(0.0), 1.0);
         assert_eq!(exp(100.0), f32::INFINITY);
+        assert!(exp(f32::NAN).is_nan(), "a NaN input must stay NaN");
         assert!(sigmoid(-1e4) == 0.0 && sigmoid(1e4) == 1.0);
     }
 

@@ -18,8 +18,8 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use rlhf_kernels::{AdamW, AttnShape, Backend, Cpu, Gemm, Precision};
 use rlhf_worker::model::params::{TensorKind, LINEAR_MODULES};
-use rlhf_worker::stages::args::Device;
 use rlhf_worker::model::{Batch, Llama, LoraConfig, ModelConfig, TrainMode};
+use rlhf_worker::stages::args::Device;
 use rlhf_worker::train::optim::{OptimConfig, Optimizer};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -794,10 +794,18 @@ impl<B: Backend> Backend for Prof<B> {
     fn slice<'a>(&self, v: Self::View<'a>, range: Range<usize>) -> Self::View<'a> {
         self.inner.slice(v, range)
     }
-    fn slice_mut<'a>(&self, v: &'a mut Self::ViewMut<'_>, range: Range<usize>) -> Self::ViewMut<'a> {
+    fn slice_mut<'a>(
+        &self,
+        v: &'a mut Self::ViewMut<'_>,
+        range: Range<usize>,
+    ) -> Self::ViewMut<'a> {
         self.inner.slice_mut(v, range)
     }
-    fn split_mut<'a>(&self, v: Self::ViewMut<'a>, mid: usize) -> (Self::ViewMut<'a>, Self::ViewMut<'a>) {
+    fn split_mut<'a>(
+        &self,
+        v: Self::ViewMut<'a>,
+        mid: usize,
+    ) -> (Self::ViewMut<'a>, Self::ViewMut<'a>) {
         self.inner.split_mut(v, mid)
     }
     fn freeze<'a>(&self, v: Self::ViewMut<'a>) -> Self::View<'a> {

@@ -145,7 +145,12 @@ fn measure_peak(cu: &Cuda) -> Result<f64> {
         accumulate: false,
     };
     let t = time(cu, 10, || {
-        Ok(cu.gemm(cu.view_mut(&mut c, 0..n * n), cu.view(&a, 0..n * n), cu.view(&b, 0..n * n), g)?)
+        Ok(cu.gemm(
+            cu.view_mut(&mut c, 0..n * n),
+            cu.view(&a, 0..n * n),
+            cu.view(&b, 0..n * n),
+            g,
+        )?)
     })?;
     Ok(2.0 * (n as f64).powi(3) / t / 1e12)
 }
@@ -192,7 +197,12 @@ fn lora_linear(a: &BenchArgs, s: &Setup, cu: &Cuda, peak: f64) -> Result<()> {
         });
         let base_fwd = time(cu, rounds, || {
             let len = cu.len(&y);
-            Ok(cu.gemm(cu.view_mut(&mut y, 0..len), all(cu, &x), all(cu, &w), Gemm::linear(n, no, ni))?)
+            Ok(cu.gemm(
+                cu.view_mut(&mut y, 0..len),
+                all(cu, &x),
+                all(cu, &w),
+                Gemm::linear(n, no, ni),
+            )?)
         })?;
         let base_bwd = time(cu, rounds, || {
             let len = cu.len(&dx);
@@ -223,8 +233,13 @@ fn lora_linear(a: &BenchArgs, s: &Setup, cu: &Cuda, peak: f64) -> Result<()> {
             )?)
         })?;
         let fused_bwd = time(cu, rounds, || {
-            let (ldx, lda, ldb, lsx, lsd) =
-                (cu.len(&dx), cu.len(&da), cu.len(&db), cu.len(&sx), cu.len(&sdxa));
+            let (ldx, lda, ldb, lsx, lsd) = (
+                cu.len(&dx),
+                cu.len(&da),
+                cu.len(&db),
+                cu.len(&sx),
+                cu.len(&sdxa),
+            );
             Ok(cu.lora_linear_backward(
                 cu.view_mut(&mut dx, 0..ldx),
                 Some(cu.view_mut(&mut da, 0..lda)),

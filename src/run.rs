@@ -297,7 +297,11 @@ mod tests {
         assert_eq!(pick_gpu("", 3), "3");
         assert_eq!(pick_gpu("4,5", 0), "4");
         assert_eq!(pick_gpu("4, 5", 1), "5");
-        assert_eq!(pick_gpu("4,5", 2), "4", "more workers than GPUs share them in turn");
+        assert_eq!(
+            pick_gpu("4,5", 2),
+            "4",
+            "more workers than GPUs share them in turn"
+        );
         assert_eq!(pick_gpu("GPU-1a2b", 1), "GPU-1a2b");
     }
 }

@@ -412,7 +412,10 @@ fn device_key_selects_cuda_and_bad_devices_are_named() {
     )
     .unwrap();
     let argv = p.stage_argv(0).unwrap();
-    let at = argv.iter().position(|a| a == "--device").expect("--device passed on");
+    let at = argv
+        .iter()
+        .position(|a| a == "--device")
+        .expect("--device passed on");
     assert_eq!(argv[at + 1], "cuda:1");
     assert!(argv.iter().any(|a| a == "--bf16"), "{argv:?}");
     let msg = error(

@@ -125,8 +125,11 @@ pub trait Backend: Send + Sync {
     fn slice_mut<'a>(&self, v: &'a mut Self::ViewMut<'_>, range: Range<usize>)
         -> Self::ViewMut<'a>;
     /// A mutable view cut in two at `mid` (panics when out of bounds).
-    fn split_mut<'a>(&self, v: Self::ViewMut<'a>, mid: usize)
-        -> (Self::ViewMut<'a>, Self::ViewMut<'a>);
+    fn split_mut<'a>(
+        &self,
+        v: Self::ViewMut<'a>,
+        mid: usize,
+    ) -> (Self::ViewMut<'a>, Self::ViewMut<'a>);
     /// A mutable view given up for reading.
     fn freeze<'a>(&self, v: Self::ViewMut<'a>) -> Self::View<'a>;
     /// The length of a view.
@@ -350,7 +353,20 @@ pub trait Backend: Send + Sync {
         s: LoraShape,
     ) -> Result<()> {
         crate::lora::backward(
-            self, dx, da, db, scratch_x, scratch_dxa, dy, x, xa, w, a, b, dropout, s,
+            self,
+            dx,
+            da,
+            db,
+            scratch_x,
+            scratch_dxa,
+            dy,
+            x,
+            xa,
+            w,
+            a,
+            b,
+            dropout,
+            s,
         )
     }
 

@@ -32,9 +32,19 @@ pub fn forward<B: Backend + ?Sized>(
         Some(d) => {
             apply_dropout(be, &mut scratch_x, x, d, ni)?;
             let src = to_view(be, &mut scratch_x, n * ni);
-            be.gemm(be.slice_mut(&mut xa, 0..n * r), src, a, Gemm::linear(n, r, ni))?;
+            be.gemm(
+                be.slice_mut(&mut xa, 0..n * r),
+                src,
+                a,
+                Gemm::linear(n, r, ni),
+            )?;
         }
-        None => be.gemm(be.slice_mut(&mut xa, 0..n * r), x, a, Gemm::linear(n, r, ni))?,
+        None => be.gemm(
+            be.slice_mut(&mut xa, 0..n * r),
+            x,
+            a,
+            Gemm::linear(n, r, ni),
+        )?,
     }
     let xa_view = to_view(be, &mut xa, n * r);
     be.gemm(

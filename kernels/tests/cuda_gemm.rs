@@ -73,6 +73,9 @@ fn gemm_rejects_wrong_lengths_before_launching() {
                 Gemm::linear(2, 2, 4),
             )
             .expect_err("a [2,4] from 6 values");
-        assert!(err.to_string().contains("has length 6, expected 8"), "{err}");
+        assert!(
+            err.to_string().contains("has length 6, expected 8"),
+            "{err}"
+        );
     }
 }

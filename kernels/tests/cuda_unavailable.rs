@@ -7,11 +7,16 @@ use rlhf_kernels::KernelError;
 #[test]
 fn no_driver_is_a_typed_error_naming_the_library() {
     if loader::require(loader::DRIVER).is_ok() {
-        eprintln!("SKIPPED no_driver_is_a_typed_error_naming_the_library: this machine has a CUDA driver");
+        eprintln!(
+            "SKIPPED no_driver_is_a_typed_error_naming_the_library: this machine has a CUDA driver"
+        );
         return;
     }
     let err = Cuda::new(0, Dtype::Bf16).expect_err("no driver here");
     assert!(matches!(err, KernelError::Unavailable(_)), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("libcuda.so.1") && msg.contains("RLHF_CUDA_LIB_DIRS"), "{msg}");
+    assert!(
+        msg.contains("libcuda.so.1") && msg.contains("RLHF_CUDA_LIB_DIRS"),
+        "{msg}"
+    );
 }

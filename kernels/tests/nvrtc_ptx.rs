@@ -27,7 +27,10 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
         let ptx = compile::compile(arch)
             .unwrap_or_else(|e| panic!("{arch}: {e}"))
             .to_src();
-        assert!(ptx.contains(&format!(".target {arch}")), "{arch}: wrong target");
+        assert!(
+            ptx.contains(&format!(".target {arch}")),
+            "{arch}: wrong target"
+        );
         for name in &names {
             assert!(
                 ptx.contains(&format!(".entry {name}(")),
@@ -49,5 +52,8 @@ fn a_syntax_error_is_reported_with_file_and_line() {
     )
     .expect_err("a broken kernel must not compile");
     let msg = err.to_string();
-    assert!(msg.contains("broken.cu") && msg.contains("(1)"), "error without location: {msg}");
+    assert!(
+        msg.contains("broken.cu") && msg.contains("(1)"),
+        "error without location: {msg}"
+    );
 }

@@ -259,5 +259,11 @@ fn cuda_without_a_driver_is_a_clear_error() {
 #[test]
 fn unknown_device_is_refused() {
     let s = setup();
-    pt_fails(&s, &s.model, &s.data, &[("--device", "tpu:0")], &["tpu:0", "cpu, cuda or cuda:N"]);
+    pt_fails(
+        &s,
+        &s.model,
+        &s.data,
+        &[("--device", "tpu:0")],
+        &["tpu:0", "cpu, cuda or cuda:N"],
+    );
 }

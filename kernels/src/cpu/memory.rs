@@ -72,7 +72,9 @@ mod tests {
     #[test]
     fn buffers_and_views() {
         let cpu = Cpu;
-        let mut buf = cpu.upload(&[1.0, 2.0, 3.0, 4.0], crate::Precision::F32).unwrap();
+        let mut buf = cpu
+            .upload(&[1.0, 2.0, 3.0, 4.0], crate::Precision::F32)
+            .unwrap();
         assert_eq!(cpu.len(&buf), 4);
         assert_eq!(cpu.download(cpu.view(&buf, 1..3)).unwrap(), vec![2.0, 3.0]);
         cpu.fill(cpu.view_mut(&mut buf, 0..2), 9.0).unwrap();

@@ -64,7 +64,11 @@ impl Backend for Cpu {
     fn slice_mut<'a>(&self, v: &'a mut &mut [f32], range: Range<usize>) -> &'a mut [f32] {
         &mut v[range]
     }
-    fn split_mut<'a>(&self, v: Self::ViewMut<'a>, mid: usize) -> (Self::ViewMut<'a>, Self::ViewMut<'a>) {
+    fn split_mut<'a>(
+        &self,
+        v: Self::ViewMut<'a>,
+        mid: usize,
+    ) -> (Self::ViewMut<'a>, Self::ViewMut<'a>) {
         v.split_at_mut(mid)
     }
     fn freeze<'a>(&self, v: Self::ViewMut<'a>) -> Self::View<'a> {

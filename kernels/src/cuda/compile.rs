@@ -112,7 +112,11 @@ pub fn compile_cached(arch: &'static str) -> Result<Ptx, KernelError> {
     }
     let started = std::time::Instant::now();
     let ptx = compile(arch)?;
-    tracing::info!(arch, secs = started.elapsed().as_secs_f32(), "kernels: compiled with NVRTC");
+    tracing::info!(
+        arch,
+        secs = started.elapsed().as_secs_f32(),
+        "kernels: compiled with NVRTC"
+    );
     if let Err(e) = store(&dir, &path, &ptx.to_src()) {
         tracing::warn!(path = %path.display(), "kernels: PTX not cached: {e}");
     }

@@ -11,9 +11,7 @@ use super::{memory, Cuda, CudaBuf, CudaView, CudaViewMut, Dtype};
 use crate::backend::{Backend, Gemm, Result};
 use crate::cpu::check::{expect_len, product, shape_err};
 use cudarc::cublas::result::gemm_ex;
-use cudarc::cublas::sys::{
-    cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType,
-};
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use std::ffi::c_void;
 
 fn data_type(d: Dtype) -> cudaDataType {

@@ -89,11 +89,21 @@ pub(crate) fn convert(cu: &Cuda, dst: CudaViewMut<'_>, src: CudaView<'_>) -> Res
     let n = dst.len as i64;
     let f = cu.func("convert")?;
     let mut l = cu.stream().launch_builder(f);
-    l.arg(&dst.ptr).arg(&dst.dt).arg(&src.ptr).arg(&src.dt).arg(&n);
+    l.arg(&dst.ptr)
+        .arg(&dst.dt)
+        .arg(&src.ptr)
+        .arg(&src.dt)
+        .arg(&n);
     // SAFETY: both views are live ranges of n elements of their dtypes; the
     // kernel's grid-stride loop touches indices < n only.
-    unsafe { l.launch(LaunchConfig { grid_dim: (grid_for(dst.len, 256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }
-        .map_err(|e| cu.driver_err("convert", e))?;
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: (grid_for(dst.len, 256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(|e| cu.driver_err("convert", e))?;
     Ok(())
 }
 
@@ -106,7 +116,13 @@ pub(super) fn fill(cu: &Cuda, dst: CudaViewMut<'_>, value: f32) -> Result<()> {
     let mut l = cu.stream().launch_builder(f);
     l.arg(&dst.ptr).arg(&dst.dt).arg(&n).arg(&value);
     // SAFETY: `dst` is a live range of n elements; indices < n only.
-    unsafe { l.launch(LaunchConfig { grid_dim: (grid_for(dst.len, 256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }
-        .map_err(|e| cu.driver_err("fill", e))?;
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: (grid_for(dst.len, 256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(|e| cu.driver_err("fill", e))?;
     Ok(())
 }

@@ -14,26 +14,24 @@
 //! (shape errors, like the CPU backend) and states what it relies on in a
 //! `// SAFETY:` comment.
 
-pub mod compile;
-pub mod loader;
-mod memory;
-mod gemm;
-mod elementwise;
+mod adamw;
+mod attention;
 mod bias;
+pub mod compile;
+mod cross_entropy;
+mod dropout;
+mod elementwise;
 mod embedding;
+mod gemm;
+pub mod loader;
+mod lora;
+mod memory;
+pub mod nccl;
 mod rmsnorm;
 mod rope;
-mod attention;
 mod swiglu;
-mod dropout;
-mod cross_entropy;
-mod adamw;
-mod lora;
-pub mod nccl;
 
-use crate::backend::{
-    AdamW, AttnShape, Backend, Gemm, LoraDropout, LoraShape, Precision, Result,
-};
+use crate::backend::{AdamW, AttnShape, Backend, Gemm, LoraDropout, LoraShape, Precision, Result};
 use crate::KernelError;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
@@ -141,7 +139,10 @@ impl std::fmt::Debug for Cuda {
         write!(
             f,
             "Cuda(cuda:{} {} {}, {})",
-            self.inner.ordinal, self.inner.device_name, self.inner.arch, self.inner.dtype.name()
+            self.inner.ordinal,
+            self.inner.device_name,
+            self.inner.arch,
+            self.inner.dtype.name()
         )
     }
 }
@@ -159,9 +160,8 @@ pub fn check_libraries() -> Result<()> {
 /// Number of CUDA devices, or why there are none usable.
 pub fn device_count() -> Result<usize> {
     loader::require(loader::DRIVER)?;
-    let n = CudaContext::device_count().map_err(|e| {
-        KernelError::Unavailable(format!("the CUDA driver failed to start: {e:?}"))
-    })?;
+    let n = CudaContext::device_count()
+        .map_err(|e| KernelError::Unavailable(format!("the CUDA driver failed to start: {e:?}")))?;
     Ok(n as usize)
 }
 
@@ -189,7 +189,9 @@ impl Cuda {
         // SAFETY: no buffer of this context exists yet, and every operation
         // below is queued on the single stream `stream`.
         unsafe { ctx.disable_event_tracking() };
-        let (major, minor) = ctx.compute_capability().map_err(drv("compute capability"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(drv("compute capability"))?;
         let arch = compile::arch_name(major, minor)?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown".into());
         let stream = ctx.default_stream();
@@ -367,7 +369,11 @@ impl Backend for Cuda {
     }
     /// Panics if `range` is out of bounds: the trait gives views no error path.
     fn view<'a>(&self, buf: &'a CudaBuf, range: Range<usize>) -> CudaView<'a> {
-        assert!(range.start <= range.end && range.end <= buf.len, "view {range:?} of {}", buf.len);
+        assert!(
+            range.start <= range.end && range.end <= buf.len,
+            "view {range:?} of {}",
+            buf.len
+        );
         let _ = &buf.mem;
         CudaView {
             ptr: buf.ptr + (range.start * buf.dtype.size()) as u64,
@@ -379,7 +385,11 @@ impl Backend for Cuda {
     }
     /// Panics if `range` is out of bounds: the trait gives views no error path.
     fn view_mut<'a>(&self, buf: &'a mut CudaBuf, range: Range<usize>) -> CudaViewMut<'a> {
-        assert!(range.start <= range.end && range.end <= buf.len, "view {range:?} of {}", buf.len);
+        assert!(
+            range.start <= range.end && range.end <= buf.len,
+            "view {range:?} of {}",
+            buf.len
+        );
         CudaViewMut {
             ptr: buf.ptr + (range.start * buf.dtype.size()) as u64,
             len: range.len(),
@@ -389,7 +399,11 @@ impl Backend for Cuda {
         }
     }
     fn slice<'a>(&self, v: Self::View<'a>, range: Range<usize>) -> Self::View<'a> {
-        assert!(range.start <= range.end && range.end <= v.len, "slice {range:?} of {}", v.len);
+        assert!(
+            range.start <= range.end && range.end <= v.len,
+            "slice {range:?} of {}",
+            v.len
+        );
         CudaView {
             ptr: v.ptr + (range.start * v.dtype.size()) as u64,
             len: range.len(),
@@ -397,7 +411,11 @@ impl Backend for Cuda {
         }
     }
     fn slice_mut<'a>(&self, v: &'a mut CudaViewMut<'_>, range: Range<usize>) -> CudaViewMut<'a> {
-        assert!(range.start <= range.end && range.end <= v.len, "slice {range:?} of {}", v.len);
+        assert!(
+            range.start <= range.end && range.end <= v.len,
+            "slice {range:?} of {}",
+            v.len
+        );
         CudaViewMut {
             ptr: v.ptr + (range.start * v.dtype.size()) as u64,
             len: range.len(),
@@ -406,7 +424,11 @@ impl Backend for Cuda {
             _buf: PhantomData,
         }
     }
-    fn split_mut<'a>(&self, v: Self::ViewMut<'a>, mid: usize) -> (Self::ViewMut<'a>, Self::ViewMut<'a>) {
+    fn split_mut<'a>(
+        &self,
+        v: Self::ViewMut<'a>,
+        mid: usize,
+    ) -> (Self::ViewMut<'a>, Self::ViewMut<'a>) {
         assert!(mid <= v.len, "split at {mid} of {}", v.len);
         let hi = CudaViewMut {
             ptr: v.ptr + (mid * v.dtype.size()) as u64,
@@ -564,7 +586,12 @@ impl Backend for Cuda {
     }
 
     // ---- SwiGLU ---------------------------------------------------------
-    fn swiglu_forward(&self, out: CudaViewMut<'_>, gate: CudaView<'_>, up: CudaView<'_>) -> Result<()> {
+    fn swiglu_forward(
+        &self,
+        out: CudaViewMut<'_>,
+        gate: CudaView<'_>,
+        up: CudaView<'_>,
+    ) -> Result<()> {
         swiglu::forward(self, out, gate, up)
     }
     fn swiglu_backward(
@@ -579,10 +606,22 @@ impl Backend for Cuda {
     }
 
     // ---- dropout --------------------------------------------------------
-    fn dropout_forward(&self, out: CudaViewMut<'_>, x: CudaView<'_>, p: f32, seed: u64) -> Result<()> {
+    fn dropout_forward(
+        &self,
+        out: CudaViewMut<'_>,
+        x: CudaView<'_>,
+        p: f32,
+        seed: u64,
+    ) -> Result<()> {
         dropout::forward(self, out, x, p, seed)
     }
-    fn dropout_backward(&self, dx: CudaViewMut<'_>, dout: CudaView<'_>, p: f32, seed: u64) -> Result<()> {
+    fn dropout_backward(
+        &self,
+        dx: CudaViewMut<'_>,
+        dout: CudaView<'_>,
+        p: f32,
+        seed: u64,
+    ) -> Result<()> {
         dropout::backward(self, dx, dout, p, seed)
     }
 
@@ -629,7 +668,22 @@ impl Backend for Cuda {
         dropout: Option<LoraDropout<'_>>,
         s: LoraShape,
     ) -> Result<()> {
-        lora::backward(self, dx, da, db, scratch_x, scratch_dxa, dy, x, xa, w, a, b, dropout, s)
+        lora::backward(
+            self,
+            dx,
+            da,
+            db,
+            scratch_x,
+            scratch_dxa,
+            dy,
+            x,
+            xa,
+            w,
+            a,
+            b,
+            dropout,
+            s,
+        )
     }
 
     // ---- optimizer ------------------------------------------------------

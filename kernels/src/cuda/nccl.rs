@@ -90,7 +90,9 @@ impl Api {
                 .map(|f| CStr::from_ptr(f(r)).to_string_lossy().into_owned())
         }
         .unwrap_or_default();
-        Err(KernelError::Unavailable(format!("NCCL {what}: error {r} {msg}")))
+        Err(KernelError::Unavailable(format!(
+            "NCCL {what}: error {r} {msg}"
+        )))
     }
 }
 
@@ -216,7 +218,9 @@ impl NcclComm {
     /// In place: buf ← Σ over ranks of buf (f32 only: gradients are f32).
     pub fn all_reduce_sum(&mut self, buf: CudaViewMut<'_>) -> Result<(), KernelError> {
         if self.broken {
-            return Err(KernelError::Unavailable("NCCL communicator was aborted".into()));
+            return Err(KernelError::Unavailable(
+                "NCCL communicator was aborted".into(),
+            ));
         }
         if buf.dtype != Dtype::F32 {
             return Err(KernelError::Unavailable(format!(
@@ -275,13 +279,16 @@ impl NcclComm {
             let done = async_err == NCCL_SUCCESS
                 && (!stream || {
                     // SAFETY: querying the backend's own live stream.
-                    let q = unsafe { cudarc::driver::sys::cuStreamQuery(self.cu.stream().cu_stream()) };
+                    let q =
+                        unsafe { cudarc::driver::sys::cuStreamQuery(self.cu.stream().cu_stream()) };
                     match q {
                         cudarc::driver::sys::CUresult::CUDA_SUCCESS => true,
                         cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => false,
                         other => {
                             self.abort_comm();
-                            return Err(KernelError::Unavailable(format!("{what}: CUDA {other:?}")));
+                            return Err(KernelError::Unavailable(format!(
+                                "{what}: CUDA {other:?}"
+                            )));
                         }
                     }
                 });
@@ -339,7 +346,9 @@ impl Drop for NcclComm {
 fn nccl_version(api: &Api) -> Result<u32, KernelError> {
     let mut v: c_int = 0;
     // SAFETY: ncclGetVersion(int*).
-    let r = unsafe { api.sym::<unsafe extern "C" fn(*mut c_int) -> NcclResult>(b"ncclGetVersion\0")?(&mut v) };
+    let r = unsafe {
+        api.sym::<unsafe extern "C" fn(*mut c_int) -> NcclResult>(b"ncclGetVersion\0")?(&mut v)
+    };
     api.check("ncclGetVersion", r)?;
     Ok(v as u32)
 }

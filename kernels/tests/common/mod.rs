@@ -89,6 +89,13 @@ pub fn rel_err(what: &str, got: &[f32], want: &[f32]) -> f64 {
 #[track_caller]
 pub fn assert_rel(what: &str, cu: &Cuda, got: &[f32], want: &[f32], tol: f64) {
     let e = rel_err(what, got, want);
-    eprintln!("{what} [{}]: rel err {e:.2e} (tol {tol:.0e})", cu.dtype().name());
-    assert!(e <= tol, "{what} [{}]: rel err {e:.3e} > {tol:.0e}", cu.dtype().name());
+    eprintln!(
+        "{what} [{}]: rel err {e:.2e} (tol {tol:.0e})",
+        cu.dtype().name()
+    );
+    assert!(
+        e <= tol,
+        "{what} [{}]: rel err {e:.3e} > {tol:.0e}",
+        cu.dtype().name()
+    );
 }

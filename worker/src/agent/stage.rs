@@ -4,15 +4,15 @@
 use super::roots::resolve_args;
 use super::Client;
 use crate::collective::error::CollectiveError;
+use crate::collective::nccl::NcclAllReduce;
 use crate::collective::ring::{RingAllReduce, RingConfig};
 use crate::collective::server::CollectiveServer;
 use crate::collective::{Collective, Single, ViaHost};
+use crate::stages::args::Device;
 use crate::stages::pt::PtArgs;
 use crate::train::TrainHooks;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser};
-use crate::collective::nccl::NcclAllReduce;
-use crate::stages::args::Device;
 use rlhf_kernels::cuda::nccl::NcclComm;
 use rlhf_kernels::cuda::{Cuda, Dtype};
 use rlhf_kernels::{Backend, Cpu};
@@ -201,8 +201,13 @@ fn run_stage_blocking<B: Backend>(
                 reported: resumed.into_iter().collect(),
                 step_delay: ctx.step_delay,
             };
-            let r =
-                crate::stages::pt::run_dist(be, &args, collective.as_mut(), global_batch, &mut hooks)?;
+            let r = crate::stages::pt::run_dist(
+                be,
+                &args,
+                collective.as_mut(),
+                global_batch,
+                &mut hooks,
+            )?;
             collective.finish()?;
             if !r.summary.finished {
                 bail!("the stage stopped before its last step");

@@ -26,14 +26,12 @@ impl Collective<Cuda> for NcclAllReduce {
         buf: &mut <Cuda as Backend>::Buf,
         range: Range<usize>,
     ) -> Result<()> {
-        self.0
-            .all_reduce_sum(be.view_mut(buf, range))
-            .map_err(|e| {
-                CollectiveError::PeerLost {
-                    peer: "nccl".into(),
-                    detail: e.to_string(),
-                }
-                .into()
-            })
+        self.0.all_reduce_sum(be.view_mut(buf, range)).map_err(|e| {
+            CollectiveError::PeerLost {
+                peer: "nccl".into(),
+                detail: e.to_string(),
+            }
+            .into()
+        })
     }
 }

@@ -147,7 +147,10 @@ fn two_grads<'a, B: Backend>(
             } else {
                 (s2, s1, true)
             };
-            assert!(first.offset + first.len <= second.offset, "overlapping slots");
+            assert!(
+                first.offset + first.len <= second.offset,
+                "overlapping slots"
+            );
             let whole = be.view_mut(grads, first.offset..second.offset + second.len);
             let (lo, hi) = be.split_mut(whole, second.offset - first.offset);
             let lo = be.split_mut(lo, first.len).0;

@@ -2,15 +2,15 @@
 //! tokenized and packed exactly as `rlhf pt` does, as one JSON object.
 
 use super::args::parse_bool;
+use super::args::Device;
 use crate::data::pretrain::{build_pt_blocks, read_text_dir, PtDataArgs};
 use crate::model::pretrained::{load_model, read_adapter_config};
 use crate::model::TrainMode;
 use crate::tokenizer::Tokenizer;
+use crate::train::EvalResult;
 use crate::train::{evaluate, Sample};
 use anyhow::{Context, Result};
 use clap::Args;
-use super::args::Device;
-use crate::train::EvalResult;
 use rlhf_kernels::cuda::{Cuda, Dtype};
 use rlhf_kernels::{Backend, Cpu};
 use serde_json::{json, Value};

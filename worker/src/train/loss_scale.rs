@@ -64,7 +64,10 @@ mod tests {
             assert_eq!(s.scale, 32768.0, "grew early at clean step {i}");
         }
         assert!(s.update(true));
-        assert_eq!(s.scale, 65536.0, "doubles after GROWTH_INTERVAL clean steps");
+        assert_eq!(
+            s.scale, 65536.0,
+            "doubles after GROWTH_INTERVAL clean steps"
+        );
         assert_eq!(s.good_steps, 0);
     }
 

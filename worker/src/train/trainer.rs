@@ -2,8 +2,8 @@
 //! order, gradient accumulation normalised by the tokens of the whole optimizer
 //! step, clipping, AdamW, schedules, logging, evaluation, checkpoints, resume.
 
-use super::loss_scale::LossScaler;
 use super::checkpoint::{self, TrainerState};
+use super::loss_scale::LossScaler;
 use super::metrics::{Metrics, Progress};
 use super::optim::{OptimConfig, Optimizer};
 use super::schedule::{Schedule, ScheduleKind};
@@ -471,7 +471,11 @@ pub fn train_dist<B: Backend>(
             if !scaler.enabled {
                 bail!("the gradients became non-finite at step {}; lower the learning rate or check the data", step + 1);
             }
-            tracing::warn!(step = step + 1, scale = scaler.scale, "fp16 gradients overflowed: step skipped, loss scale halved");
+            tracing::warn!(
+                step = step + 1,
+                scale = scaler.scale,
+                "fp16 gradients overflowed: step skipped, loss scale halved"
+            );
         }
         let grad_norm = grad_norm.unwrap_or(f64::NAN);
         step += 1;

@@ -91,3 +91,97 @@ impl<B: Backend> Optimizer<B> {
         Ok(Some(norm))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Batch, LoraConfig, ModelConfig, TrainMode};
+    use rlhf_kernels::Cpu;
+
+    fn model() -> Llama<Cpu> {
+        let cfg = ModelConfig::from_json(serde_json::json!({
+            "model_type": "llama", "vocab_size": 50, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 16, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "tie_word_embeddings": false, "hidden_act": "silu",
+        }))
+        .unwrap();
+        let mode = TrainMode::Lora(LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            modules_to_save: vec![],
+        });
+        let mut x = 1u32;
+        Llama::from_tensors(Cpu, cfg, mode, |e| {
+            Ok((0..e.slot.len)
+                .map(|_| {
+                    x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    ((x >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 0.2
+                })
+                .collect())
+        })
+        .unwrap()
+    }
+
+    fn batch() -> Batch {
+        let ids: Vec<u32> = (0..12).map(|i| (i * 7 % 50) as u32).collect();
+        Batch {
+            b: 2,
+            t: 6,
+            labels: ids.iter().map(|&i| i as i32).collect(),
+            input_ids: ids,
+            attention_mask: None,
+            sample_keys: vec![0, 1],
+        }
+    }
+
+    fn cfg() -> OptimConfig {
+        OptimConfig {
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+        }
+    }
+
+    /// fp16's loss scaling: gradients of a loss scaled by 2¹⁶, unscaled in
+    /// the step, give exactly (bitwise: powers of two) the unscaled update.
+    #[test]
+    fn a_scaled_loss_unscaled_in_the_step_is_the_same_update() {
+        let mut plain = model();
+        let mut scaled = model();
+        let (mut o1, mut o2) = (
+            Optimizer::new(&plain, cfg()).unwrap(),
+            Optimizer::new(&scaled, cfg()).unwrap(),
+        );
+        let s = 65536.0f32;
+        plain.zero_grads().unwrap();
+        plain.forward_backward(&batch(), 1.0 / 10.0, None).unwrap();
+        scaled.zero_grads().unwrap();
+        scaled.forward_backward(&batch(), s / 10.0, None).unwrap();
+        let n1 = o1.step(&mut plain, 1e-3, 1.0).unwrap().unwrap();
+        let n2 = o2.step(&mut scaled, 1e-3, 1.0 / s).unwrap().unwrap();
+        assert_eq!(n1, n2, "reported grad norm is of the unscaled gradients");
+        assert_eq!(plain.train, scaled.train);
+        assert_eq!(o1.m, o2.m);
+    }
+
+    /// An overflowed (non-finite) gradient is not applied: weights, moments
+    /// and the step count stay as they were.
+    #[test]
+    fn a_non_finite_gradient_skips_the_step() {
+        let mut m = model();
+        let mut opt = Optimizer::new(&m, cfg()).unwrap();
+        m.zero_grads().unwrap();
+        m.forward_backward(&batch(), 1.0 / 10.0, None).unwrap();
+        m.grads[3] = f32::INFINITY;
+        let before = m.train.clone();
+        assert_eq!(opt.step(&mut m, 1e-3, 1.0).unwrap(), None);
+        assert_eq!(m.train, before);
+        assert_eq!(opt.step, 0);
+        assert!(opt.m.iter().all(|&v| v == 0.0));
+    }
+}

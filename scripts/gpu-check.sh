@@ -13,6 +13,9 @@
 # binaries on its own machine first and carries them over:
 #     scripts/gpu-check.sh --prepare      # → target/gpu-check-bin (carry this path)
 #     scripts/gpu-check.sh                # on the GPU machine
+# The prepared binaries need glibc ≥ 2.34 there (Ubuntu 22.04 or newer), CUDA 13
+# libraries (/usr/local/cuda or PyTorch's pip wheels), and python3 with torch,
+# transformers and peft for the side-by-side.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=target/gpu-check-bin

@@ -54,16 +54,18 @@ impl<B: Backend> Optimizer<B> {
         }
         let be = &model.be;
         let n = model.layout.train_len;
-        if unscale != 1.0 {
-            be.scale(be.view_mut(&mut model.grads, 0..n), unscale)?;
-        }
         let norm = scaled_norm * unscale as f64;
-        if self.cfg.max_grad_norm > 0.0 {
-            // torch.nn.utils.clip_grad_norm_: scale by min(1, max/(norm+1e-6)).
-            let coef = (self.cfg.max_grad_norm as f64 / (norm + 1e-6)).min(1.0);
-            if coef < 1.0 {
-                be.scale(be.view_mut(&mut model.grads, 0..n), coef as f32)?;
-            }
+        // torch.nn.utils.clip_grad_norm_: scale by min(1, max/(norm+1e-6)).
+        let clip = if self.cfg.max_grad_norm > 0.0 {
+            (self.cfg.max_grad_norm as f64 / (norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        // Unscaling and clipping in one pass (the scale is a power of two, so
+        // this rounds exactly as clipping the unscaled gradients would).
+        let factor = (clip as f32) * unscale;
+        if factor != 1.0 {
+            be.scale(be.view_mut(&mut model.grads, 0..n), factor)?;
         }
         self.step += 1;
         for e in model.layout.tensors.iter().filter(|e| e.slot.trainable) {

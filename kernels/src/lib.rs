@@ -4,6 +4,9 @@
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
+#[doc(hidden)]
+#[path = "../emu/fake/mod.rs"]
+pub mod emu;
 pub mod lora;
 
 pub use backend::{AdamW, AttnShape, Backend, Gemm, LoraDropout, LoraShape, Precision};

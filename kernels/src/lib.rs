@@ -1,5 +1,7 @@
-//! Kernels: the backend interface the model is written against, and its backends.
-//! `cpu` is always available; `cuda` arrives with the CUDA issue.
+//! Kernels: the backend interface the model is written against, and its
+//! backends: `cpu` (always available) and `cuda` (CUDA libraries opened at run
+//! time). `emu` builds the CPU emulator of the CUDA kernels and fake CUDA
+//! libraries over it, for tests on machines without a GPU.
 
 pub mod backend;
 pub mod cpu;

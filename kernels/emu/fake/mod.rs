@@ -3,7 +3,9 @@
 //! gemm.rs — runs without a GPU: `libcuda.so.1` (kernels/emu/fake/cuda.cpp:
 //! the driver API over emu_alloc/emu_launch, with the kernel program compiled
 //! in as host C++), `libcublas.so.13` (fake/cublas.cpp: cublasGemmEx on the
-//! host) and an empty `libcublasLt.so.13` (the loader requires it). NVRTC
+//! host), an empty `libcublasLt.so.13` (the loader requires it) and
+//! `libnccl.so.2` (fake/nccl.cpp: an all-reduce between PROCESSES on one
+//! machine, through files in a rendezvous folder named by the unique id). NVRTC
 //! stays real: `Cuda::new` compiles the PTX as on a GPU, and the fake driver
 //! ignores it.
 //!
@@ -52,10 +54,14 @@ fn fnv1a(h: &mut u64, bytes: &[u8]) {
     }
 }
 
-/// Builds the three libraries under `root` (in a folder named by the hash of
+/// Builds the four libraries under `root` (in a folder named by the hash of
 /// everything that goes into them; reused while nothing changed) and returns
 /// that folder; None when no C++ compiler is installed (and `CXX` is unset).
 pub fn build_fake_libraries(root: &Path) -> Result<Option<PathBuf>, String> {
+    // One build at a time in this process: tests running in parallel threads
+    // would otherwise compile into the same temporary files (named by pid).
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
     let cxx_env = std::env::var("CXX").ok().filter(|v| !v.trim().is_empty());
     let mut words: Vec<String> = cxx_env
         .as_deref()
@@ -112,6 +118,7 @@ pub fn build_fake_libraries(root: &Path) -> Result<Option<PathBuf>, String> {
         "include/mma.h",
         "fake/cuda.cpp",
         "fake/cublas.cpp",
+        "fake/nccl.cpp",
     ] {
         fnv1a(&mut h, f.as_bytes());
         fnv1a(
@@ -124,6 +131,7 @@ pub fn build_fake_libraries(root: &Path) -> Result<Option<PathBuf>, String> {
         (loader::DRIVER.soname, Some("fake/cuda.cpp")),
         (loader::CUBLAS.soname, Some("fake/cublas.cpp")),
         (loader::CUBLASLT.soname, None),
+        (loader::NCCL.soname, Some("fake/nccl.cpp")),
     ];
     if libs.iter().all(|(so, _)| out.join(so).exists()) {
         return Ok(Some(out));
@@ -217,6 +225,7 @@ pub fn use_fake_cuda(test: &str, root: &Path) -> bool {
             loader::CUBLASLT.soname,
             loader::DRIVER.soname,
             loader::CUBLAS.soname,
+            loader::NCCL.soname,
         ] {
             let path = dir.join(so);
             // SAFETY: our own libraries; their initialisers only set up globals.
@@ -229,7 +238,12 @@ pub fn use_fake_cuda(test: &str, root: &Path) -> bool {
             dirs = format!("{dirs}:{old}");
         }
         std::env::set_var("RLHF_CUDA_LIB_DIRS", dirs);
-        for lib in [loader::DRIVER, loader::CUBLASLT, loader::CUBLAS] {
+        for lib in [
+            loader::DRIVER,
+            loader::CUBLASLT,
+            loader::CUBLAS,
+            loader::NCCL,
+        ] {
             let got = loader::require(lib).map_err(|e| e.to_string()).unwrap();
             tracing::debug!(soname = lib.soname, path = %got.display(), "fake CUDA library");
         }

@@ -252,7 +252,12 @@ impl NcclComm {
             )
         };
         if r != NCCL_IN_PROGRESS {
-            self.api.check("ncclAllReduce", r)?;
+            if let Err(e) = self.api.check("ncclAllReduce", r) {
+                // The communicator is not used again: abort it, so that Drop
+                // does not ncclCommDestroy (which waits) one in error.
+                self.abort_comm();
+                return Err(e);
+            }
         }
         self.wait("all-reduce", true)
     }
@@ -270,7 +275,10 @@ impl NcclComm {
                         b"ncclCommGetAsyncError\0",
                     )?(self.comm.0, &mut async_err)
             };
-            self.api.check("ncclCommGetAsyncError", r)?;
+            if let Err(e) = self.api.check("ncclCommGetAsyncError", r) {
+                self.abort_comm();
+                return Err(e);
+            }
             if async_err != NCCL_SUCCESS && async_err != NCCL_IN_PROGRESS {
                 let e = self.api.check(what, async_err);
                 self.abort_comm();

@@ -22,7 +22,6 @@ use rlhf_kernels::cuda::Dtype;
 use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 // ---- the source rewrite ------------------------------------------------------
@@ -30,6 +29,7 @@ use std::sync::OnceLock;
 /// The program with inline PTX and dynamic shared memory made emulable
 /// (kernels/emu/rewrite.rs, shared with the fake CUDA libraries).
 pub use rlhf_kernels::emu::rewrite;
+use rlhf_kernels::emu::{fnv1a, patched_program_source, Cxx, FLAGS};
 
 // ---- building and loading ---------------------------------------------------------
 
@@ -62,26 +62,6 @@ pub struct Emu {
 unsafe impl Sync for Emu {}
 unsafe impl Send for Emu {}
 
-fn fnv1a(h: &mut u64, bytes: &[u8]) {
-    for &b in bytes {
-        *h ^= b as u64;
-        *h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-}
-
-const FLAGS: &[&str] = &[
-    "-std=c++17",
-    "-O2",
-    "-g0",
-    "-shared",
-    "-fPIC",
-    "-pthread",
-    "-fvisibility=hidden",
-    "-fno-strict-aliasing",
-    "-U_FORTIFY_SOURCE",
-    "-Wno-unknown-pragmas",
-];
-
 fn emu_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("emu")
 }
@@ -89,39 +69,11 @@ fn emu_dir() -> PathBuf {
 /// Builds (or finds the cached build of) the emulator library; None when no
 /// C++ compiler is installed.
 fn build() -> Result<Option<PathBuf>, String> {
-    // CXX may carry arguments ("ccache g++"); a CXX that is set must work.
-    let cxx_env = std::env::var("CXX").ok().filter(|v| !v.trim().is_empty());
-    let mut words: Vec<String> = cxx_env
-        .as_deref()
-        .unwrap_or("c++")
-        .split_whitespace()
-        .map(String::from)
-        .collect();
-    let cxx = words.remove(0);
-    let compiler = || {
-        let mut c = Command::new(&cxx);
-        c.args(&words);
-        c
+    let Some(cxx) = Cxx::find()? else {
+        return Ok(None);
     };
-    let version = match compiler().arg("--version").output() {
-        Ok(o) => o.stdout,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && cxx_env.is_none() => return Ok(None),
-        Err(e) => return Err(format!("running {cxx}: {e}")),
-    };
-    let mut source = rlhf_kernels::cuda::compile::program_source();
-    // Mutation checks: RLHF_EMU_PATCH="old=>new;;old2=>new2" edits the program
-    // first (each `old` must occur), to see that the tests catch a given bug.
-    if let Ok(patch) = std::env::var("RLHF_EMU_PATCH") {
-        for edit in patch.split(";;").filter(|e| !e.is_empty()) {
-            let (old, new) = edit
-                .split_once("=>")
-                .ok_or("RLHF_EMU_PATCH: expected old=>new")?;
-            if !source.contains(old) {
-                return Err(format!("RLHF_EMU_PATCH: `{old}` is not in the program"));
-            }
-            source = source.replacen(old, new, 1);
-        }
-    }
+    let version = cxx.version.clone();
+    let mut source = patched_program_source()?;
     // The emulator's own test kernels (kernels/emu/selftest.cu) go after the program.
     let dir = emu_dir();
     let selftest = std::fs::read_to_string(dir.join("selftest.cu"))
@@ -172,7 +124,8 @@ fn build() -> Result<Option<PathBuf>, String> {
     std::fs::write(out.join("emu_kernels.inc"), &table).map_err(|e| e.to_string())?;
     let tmp = out.join(format!("libemu.so.tmp{}", std::process::id()));
     let started = std::time::Instant::now();
-    let o = compiler()
+    let o = cxx
+        .command()
         .args(FLAGS)
         .arg(format!("-I{}", out.display()))
         .arg(format!("-I{}", dir.display()))
@@ -181,11 +134,12 @@ fn build() -> Result<Option<PathBuf>, String> {
         .arg("-o")
         .arg(&tmp)
         .output()
-        .map_err(|e| format!("running {cxx}: {e}"))?;
+        .map_err(|e| format!("running {}: {e}", cxx.program))?;
     if !o.status.success() {
         return Err(format!(
-            "{cxx} failed to build the emulator (generated sources in {}); if the kernels use \
+            "{} failed to build the emulator (generated sources in {}); if the kernels use \
              a CUDA feature the emulator lacks, add it in kernels/emu/:\n{}",
+            cxx.program,
             out.display(),
             String::from_utf8_lossy(&o.stderr)
         ));

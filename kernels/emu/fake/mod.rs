@@ -30,7 +30,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-const FLAGS: &[&str] = &[
+/// g++ flags of every emulator library (the kernel tests' and the fakes').
+pub const FLAGS: &[&str] = &[
     "-std=c++17",
     "-O2",
     "-g0",
@@ -47,42 +48,60 @@ fn emu_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("emu")
 }
 
-fn fnv1a(h: &mut u64, bytes: &[u8]) {
+/// FNV-1a, 64 bit, continued from `h`: the build caches' content key.
+pub fn fnv1a(h: &mut u64, bytes: &[u8]) {
     for &b in bytes {
         *h ^= b as u64;
         *h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
 }
 
-/// Builds the four libraries under `root` (in a folder named by the hash of
-/// everything that goes into them; reused while nothing changed) and returns
-/// that folder; None when no C++ compiler is installed (and `CXX` is unset).
-pub fn build_fake_libraries(root: &Path) -> Result<Option<PathBuf>, String> {
-    // One build at a time in this process: tests running in parallel threads
-    // would otherwise compile into the same temporary files (named by pid).
-    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
-    let cxx_env = std::env::var("CXX").ok().filter(|v| !v.trim().is_empty());
-    let mut words: Vec<String> = cxx_env
-        .as_deref()
-        .unwrap_or("c++")
-        .split_whitespace()
-        .map(String::from)
-        .collect();
-    let cxx = words.remove(0);
-    let compiler = || {
-        let mut c = Command::new(&cxx);
-        c.args(&words);
+/// The C++ compiler: `$CXX` (which may carry arguments, "ccache g++") or
+/// `c++`, with its `--version` output (part of the cache keys).
+pub struct Cxx {
+    pub program: String,
+    pub args: Vec<String>,
+    pub version: Vec<u8>,
+}
+
+impl Cxx {
+    /// None when no `c++` is installed and CXX is unset; a CXX that is set must work.
+    pub fn find() -> Result<Option<Cxx>, String> {
+        let cxx_env = std::env::var("CXX").ok().filter(|v| !v.trim().is_empty());
+        let mut words: Vec<String> = cxx_env
+            .as_deref()
+            .unwrap_or("c++")
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        let program = words.remove(0);
+        let mut cxx = Cxx {
+            program,
+            args: words,
+            version: Vec::new(),
+        };
+        cxx.version = match cxx.command().arg("--version").output() {
+            Ok(o) => o.stdout,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && cxx_env.is_none() => {
+                return Ok(None)
+            }
+            Err(e) => return Err(format!("running {}: {e}", cxx.program)),
+        };
+        Ok(Some(cxx))
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.program);
+        c.args(&self.args);
         c
-    };
-    let version = match compiler().arg("--version").output() {
-        Ok(o) => o.stdout,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && cxx_env.is_none() => return Ok(None),
-        Err(e) => return Err(format!("running {cxx}: {e}")),
-    };
+    }
+}
+
+/// The kernel program NVRTC compiles, with the mutation checks' edits
+/// applied: RLHF_EMU_PATCH="old=>new;;old2=>new2" (each `old` must occur; the
+/// first occurrence is replaced), to see that the tests catch a given bug.
+pub fn patched_program_source() -> Result<String, String> {
     let mut source = compile::program_source();
-    // Mutation checks, as in the kernel tests: RLHF_EMU_PATCH="old=>new;;..."
-    // edits the program first (each `old` must occur; the first is replaced).
     if let Ok(patch) = std::env::var("RLHF_EMU_PATCH") {
         for edit in patch.split(";;").filter(|e| !e.is_empty()) {
             let (old, new) = edit
@@ -94,6 +113,22 @@ pub fn build_fake_libraries(root: &Path) -> Result<Option<PathBuf>, String> {
             source = source.replacen(old, new, 1);
         }
     }
+    Ok(source)
+}
+
+/// Builds the four libraries under `root` (in a folder named by the hash of
+/// everything that goes into them; reused while nothing changed) and returns
+/// that folder; None when no C++ compiler is installed (and `CXX` is unset).
+pub fn build_fake_libraries(root: &Path) -> Result<Option<PathBuf>, String> {
+    // One build at a time in this process: tests running in parallel threads
+    // would otherwise compile into the same temporary files (named by pid).
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(cxx) = Cxx::find()? else {
+        return Ok(None);
+    };
+    let version = cxx.version.clone();
+    let source = patched_program_source()?;
     let program = rewrite(&source)?;
     let table: String = kernel_names()
         .into_iter()
@@ -149,7 +184,8 @@ pub fn build_fake_libraries(root: &Path) -> Result<Option<PathBuf>, String> {
         }
         let tmp = out.join(format!("{soname}.tmp{}", std::process::id()));
         let src = src.map_or(out.join("empty.cpp"), |s| dir.join(s));
-        let o = compiler()
+        let o = cxx
+            .command()
             .args(FLAGS)
             .arg(format!("-Wl,-soname,{soname}"))
             .arg(format!("-I{}", out.display()))
@@ -159,10 +195,11 @@ pub fn build_fake_libraries(root: &Path) -> Result<Option<PathBuf>, String> {
             .arg("-o")
             .arg(&tmp)
             .output()
-            .map_err(|e| format!("running {cxx}: {e}"))?;
+            .map_err(|e| format!("running {}: {e}", cxx.program))?;
         if !o.status.success() {
             return Err(format!(
-                "{cxx} failed to build the fake {soname} from {} (generated sources in {}):\n{}",
+                "{} failed to build the fake {soname} from {} (generated sources in {}):\n{}",
+                cxx.program,
                 src.display(),
                 out.display(),
                 String::from_utf8_lossy(&o.stderr)

@@ -1,7 +1,8 @@
 // The emulator's driver: compiles the whole kernel program (the source NVRTC
 // compiles, after the rewrite of its inline PTX; see emu.h) as host C++ and
-// exports a C API that kernels/tests/emu_kernels.rs loads from a shared
-// library to launch any kernel by name, as cuLaunchKernel would:
+// exports a C API to launch any kernel by name, as cuLaunchKernel would; the
+// fake libcuda (fake/cuda.cpp) is built on it, and kernels/tests/emu_kernels.rs
+// loads it directly (harness.rs) to test the emulator itself:
 //
 //   emu_launch(name, grid[3], block[3], dynamic smem bytes, nargs, args, arg sizes, seed, err, errlen)
 //   emu_alloc / emu_free / emu_check: device buffers (host memory between guard pages)

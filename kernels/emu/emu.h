@@ -1,7 +1,9 @@
 // A CPU emulator for the CUDA subset the kernels of kernels/src/cuda/ use, so
-// that kernels/tests/emu_kernels.rs can run EVERY kernel of the real program
-// (the concatenated source NVRTC compiles, compile.rs) on a machine without a
-// GPU and compare it with the CPU backend. Pieces: this header (what kernel
+// that EVERY kernel of the real program (the concatenated source NVRTC
+// compiles, compile.rs) runs on a machine without a GPU: the fake CUDA
+// libraries in fake/ run the real backend on it (kernels/tests/emu_backend.rs
+// compares every op with the CPU backend), and kernels/tests/emu_kernels.rs
+// tests the emulator itself through direct launches. Pieces: this header (what kernel
 // code sees), include/ (shims for <cuda_fp16.h>, <cuda_bf16.h>, <mma.h> and
 // the vector types), driver.cpp (scheduler, device memory, the C API),
 // harness.rs (source rewrite, build, launches from Rust), selftest.cu.
@@ -662,7 +664,7 @@ inline const PtxInstr& parsed(const char* tmpl) {
     return it->second;
 }
 
-// Interprets one asm statement (emitted by the rewrite in emu_kernels.rs).
+// Interprets one asm statement (emitted by the source rewrite, rewrite.rs).
 inline void ptx(const char* tmpl, std::initializer_list<AsmOp> list) {
     const std::vector<AsmOp> ops(list);
     const PtxInstr& in = parsed(tmpl);

@@ -1,7 +1,8 @@
 //! The Rust side of the CUDA emulator (kernels/emu/emu.h): builds the kernel
 //! program as a host shared library with the system C++ compiler, loads it,
-//! and launches kernels by name with the argument lists of the real
-//! launchers. Included by kernels/tests/emu_kernels.rs (`#[path]`).
+//! and launches kernels by name. Included by kernels/tests/emu_kernels.rs
+//! (`#[path]`: the emulator's own tests; the program's kernels are tested
+//! through the real CUDA backend on the fake libcuda, kernels/emu/fake/).
 //!
 //! Build: `rlhf_kernels::cuda::compile::program_source()` (exactly what NVRTC
 //! compiles) goes through [`rewrite`] — every `asm(...)` statement becomes a

@@ -1,20 +1,27 @@
-//! The REAL CUDA backend (`rlhf_kernels::cuda::Cuda`: cudarc, every launcher,
-//! memory.rs, gemm.rs) on the CPU emulator, through fake `libcuda.so.1` /
-//! `libcublas.so.13` (kernels/emu/fake/, `rlhf_kernels::emu`), against the
-//! CPU backend, for f32, bf16 and fp16 compute — in plain `cargo test`, no
-//! GPU. NVRTC is real (`eval "$(scripts/fetch-nvrtc.sh)"`); without it, or
-//! without a C++ compiler, every test prints SKIPPED and passes (with
-//! RLHF_REQUIRE_NVRTC set, a missing NVRTC fails).
+//! EVERY op of the REAL CUDA backend (`rlhf_kernels::cuda::Cuda`: cudarc,
+//! every launcher of kernels/src/cuda/*.rs, memory.rs, gemm.rs) on the CPU
+//! emulator, through fake `libcuda.so.1` / `libcublas.so.13` (kernels/emu/fake/,
+//! `rlhf_kernels::emu`), against the CPU backend, for f32, bf16 and fp16
+//! compute — in plain `cargo test`, no GPU. NVRTC is real (`eval
+//! "$(scripts/fetch-nvrtc.sh)"`); without it, or without a C++ compiler, every
+//! test prints SKIPPED and passes (with RLHF_REQUIRE_NVRTC set, a missing NVRTC
+//! fails). `every_kernel_is_launched` checks that the suite launches every
+//! kernel of the program. The emulator's own tests are in emu_kernels.rs.
 //!
 //! The CPU sees inputs rounded to the storage type; outputs start as NaN (an
 //! element left unwritten fails), gradients start random (checks the +=).
-//! Relative L2 error ≤ 1e-5 (f32), 1e-2 (bf16), 5e-3 (fp16). Shapes are tiny:
-//! the emulator runs one fiber per CUDA thread. Its own test binary: the fake
-//! libraries are opened once per process.
+//! Relative L2 error ≤ 1e-5 (f32), 1e-2 (bf16), 5e-3 (fp16); dropout masks
+//! must match exactly. Ops with block- or warp-level cooperation are run a
+//! second time — every launch of the fake driver gets another block order and
+//! thread schedule — and must give the same bits. Shapes are small: the
+//! emulator runs one fiber per CUDA thread. Its own test binary: the fake
+//! libraries are opened once per process. RLHF_EMU_SEED and RLHF_EMU_PATCH
+//! work as described in kernels/emu/harness.rs.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rlhf_kernels::cuda::{Cuda, Dtype};
+use rlhf_kernels::backend::dropout_keep;
+use rlhf_kernels::cuda::{Cuda, CudaBuf, CudaView, CudaViewMut, Dtype};
 use rlhf_kernels::{AdamW, AttnShape, Backend, Cpu, Gemm, LoraDropout, LoraShape, Precision};
 use std::path::Path;
 use std::sync::OnceLock;
@@ -22,6 +29,7 @@ use std::sync::OnceLock;
 const CASES: [(Dtype, f64); 3] = [(Dtype::F32, 1e-5), (Dtype::Bf16, 1e-2), (Dtype::F16, 5e-3)];
 const C: Precision = Precision::Compute;
 const F: Precision = Precision::F32;
+const F32: Dtype = Dtype::F32;
 
 /// One emulated backend per compute dtype, or none (SKIPPED).
 fn backends(test: &str) -> Vec<(Cuda, f64)> {
@@ -46,7 +54,30 @@ fn rng(seed: u64) -> ChaCha8Rng {
 }
 
 fn random(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    let scale = if scale > 0.0 { scale } else { 1.0 };
     (0..n).map(|_| r.random_range(-scale..scale)).collect()
+}
+
+/// |v| ≥ 0.25: a zero output can only come from a dropped element.
+fn nonzero(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let v: f32 = r.random_range(-1.0..1.0);
+            if v < 0.0 {
+                v - 0.25
+            } else {
+                v + 0.25
+            }
+        })
+        .collect()
+}
+
+fn rms(x: &[f32]) -> f32 {
+    (x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / x.len().max(1) as f64).sqrt() as f32
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
 }
 
 fn dtype_of(cu: &Cuda, p: Precision) -> Dtype {
@@ -56,9 +87,8 @@ fn dtype_of(cu: &Cuda, p: Precision) -> Dtype {
     }
 }
 
-/// `x` as a buffer of `p` on `cu` holds it.
-fn rounded(cu: &Cuda, p: Precision, x: &[f32]) -> Vec<f32> {
-    let dt = dtype_of(cu, p);
+/// `x` as a buffer of storage type `dt` holds it.
+fn round(dt: Dtype, x: &[f32]) -> Vec<f32> {
     x.iter()
         .map(|&v| match dt {
             Dtype::F32 => v,
@@ -66,6 +96,11 @@ fn rounded(cu: &Cuda, p: Precision, x: &[f32]) -> Vec<f32> {
             Dtype::F16 => half::f16::from_f32(v).to_f32(),
         })
         .collect()
+}
+
+/// `x` as a buffer of `p` on `cu` holds it.
+fn rounded(cu: &Cuda, p: Precision, x: &[f32]) -> Vec<f32> {
+    round(dtype_of(cu, p), x)
 }
 
 fn up<B: Backend>(be: &B, x: &[f32], p: Precision) -> B::Buf {
@@ -78,6 +113,46 @@ fn nan<B: Backend>(be: &B, n: usize, p: Precision) -> B::Buf {
 
 fn down<B: Backend>(be: &B, b: &B::Buf) -> Vec<f32> {
     be.download(be.view(b, 0..be.len(b))).expect("download")
+}
+
+/// A device tensor of any storage type: `n` elements `off` elements into
+/// its buffer (the elements before it are NaN).
+struct Dev<'c> {
+    cu: &'c Cuda,
+    buf: CudaBuf,
+    off: usize,
+    n: usize,
+}
+
+impl<'c> Dev<'c> {
+    fn at(cu: &'c Cuda, x: &[f32], dt: Dtype, off: usize) -> Self {
+        let n = x.len();
+        let mut buf = cu.alloc(off + n, dt).expect("alloc");
+        let mut host = vec![f32::NAN; off];
+        host.extend_from_slice(x);
+        cu.write(cu.view_mut(&mut buf, 0..off + n), &host)
+            .expect("write");
+        Dev { cu, buf, off, n }
+    }
+    fn new(cu: &'c Cuda, x: &[f32], dt: Dtype) -> Self {
+        Self::at(cu, x, dt, 0)
+    }
+    /// NaN everywhere: an element left unwritten fails.
+    fn poisoned_at(cu: &'c Cuda, n: usize, dt: Dtype, off: usize) -> Self {
+        Self::at(cu, &vec![f32::NAN; n], dt, off)
+    }
+    fn poisoned(cu: &'c Cuda, n: usize, dt: Dtype) -> Self {
+        Self::poisoned_at(cu, n, dt, 0)
+    }
+    fn v(&self) -> CudaView<'_> {
+        self.cu.view(&self.buf, self.off..self.off + self.n)
+    }
+    fn m(&mut self) -> CudaViewMut<'_> {
+        self.cu.view_mut(&mut self.buf, self.off..self.off + self.n)
+    }
+    fn get(&self) -> Vec<f32> {
+        self.cu.download(self.v()).expect("download")
+    }
 }
 
 #[track_caller]
@@ -99,6 +174,21 @@ fn assert_rel(what: &str, cu: &Cuda, got: &[f32], want: &[f32], tol: f64) {
         "{what} [{}]: rel err {e:.3e} > {tol:.0e}",
         cu.dtype().name()
     );
+}
+
+/// Runs `f` twice — the fake driver gives every launch another block order
+/// and thread schedule — and requires the same bits.
+#[track_caller]
+fn deterministic(what: &str, f: impl Fn() -> Vec<Vec<f32>>) -> Vec<Vec<f32>> {
+    let a = f();
+    let b = f();
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            bits(x) == bits(y),
+            "{what}: output {i} differs under another block order / thread schedule"
+        );
+    }
+    a
 }
 
 // ---- the device itself --------------------------------------------------------
@@ -129,246 +219,6 @@ fn fake_device_opens_and_round_trips() {
             assert_eq!(down(&cu, &o2), want[20..30]);
         }
         cu.synchronize().unwrap();
-    }
-}
-
-// ---- elementwise, bias, embedding, norm, rope, swiglu, dropout -------------------
-
-#[test]
-fn elementwise_ops_match_cpu() {
-    for (cu, tol) in backends("elementwise_ops_match_cpu") {
-        let mut r = rng(1);
-        let n = 300;
-        let (x, y) = (
-            rounded(&cu, C, &random(&mut r, n, 1.0)),
-            rounded(&cu, F, &random(&mut r, n, 1.0)),
-        );
-        // axpy into f32 from compute, scale, sum_squares
-        let (mut want, xb) = (y.clone(), x.clone());
-        Cpu.axpy(&mut want, 0.7, &xb).unwrap();
-        Cpu.scale(&mut want, -1.25).unwrap();
-        let (dx, mut dy) = (up(&cu, &x, C), up(&cu, &y, F));
-        cu.axpy(cu.view_mut(&mut dy, 0..n), 0.7, cu.view(&dx, 0..n))
-            .unwrap();
-        cu.scale(cu.view_mut(&mut dy, 0..n), -1.25).unwrap();
-        assert_rel("axpy+scale", &cu, &down(&cu, &dy), &want, tol);
-        let ss = cu.sum_squares(cu.view(&dx, 0..n)).unwrap();
-        let ws = Cpu.sum_squares(&x).unwrap();
-        assert!((ss - ws).abs() <= 1e-5 * ws, "sum_squares {ss} vs {ws}");
-
-        // bias forward/backward
-        let (rows, c) = (7, 24);
-        let xb = rounded(&cu, C, &random(&mut r, rows * c, 1.0));
-        let bias = rounded(&cu, F, &random(&mut r, c, 1.0));
-        let g0 = random(&mut r, c, 1.0);
-        let mut want = xb.clone();
-        Cpu.add_bias(&mut want, &bias, c).unwrap();
-        let mut wg = g0.clone();
-        Cpu.bias_backward(&mut wg, &xb, c).unwrap();
-        let (mut dxb, dbias, mut dg) = (up(&cu, &xb, C), up(&cu, &bias, F), up(&cu, &g0, F));
-        cu.bias_backward(cu.view_mut(&mut dg, 0..c), cu.view(&dxb, 0..rows * c), c)
-            .unwrap();
-        cu.add_bias(cu.view_mut(&mut dxb, 0..rows * c), cu.view(&dbias, 0..c), c)
-            .unwrap();
-        assert_rel("add_bias", &cu, &down(&cu, &dxb), &want, tol);
-        assert_rel("bias_backward", &cu, &down(&cu, &dg), &wg, tol);
-
-        // embedding
-        let (v, c) = (11, 16);
-        let table = rounded(&cu, F, &random(&mut r, v * c, 1.0));
-        let ids: Vec<u32> = (0..9).map(|_| r.random_range(0..v as u32)).collect();
-        let n = ids.len();
-        let mut want = vec![0.0; n * c];
-        Cpu.embedding_forward(&mut want, &table, &ids, c).unwrap();
-        let dt = up(&cu, &table, F);
-        let mut out = nan(&cu, n * c, C);
-        cu.embedding_forward(
-            cu.view_mut(&mut out, 0..n * c),
-            cu.view(&dt, 0..v * c),
-            &ids,
-            c,
-        )
-        .unwrap();
-        assert_rel(
-            "embedding_forward",
-            &cu,
-            &down(&cu, &out),
-            &rounded(&cu, C, &want),
-            tol,
-        );
-        let dout = rounded(&cu, C, &random(&mut r, n * c, 1.0));
-        let g0 = random(&mut r, v * c, 1.0);
-        let mut wg = g0.clone();
-        Cpu.embedding_backward(&mut wg, &dout, &ids, c).unwrap();
-        let (ddo, mut dg) = (up(&cu, &dout, C), up(&cu, &g0, F));
-        cu.embedding_backward(
-            cu.view_mut(&mut dg, 0..v * c),
-            cu.view(&ddo, 0..n * c),
-            &ids,
-            c,
-        )
-        .unwrap();
-        assert_rel("embedding_backward", &cu, &down(&cu, &dg), &wg, tol);
-    }
-}
-
-#[test]
-fn norm_rope_swiglu_dropout_match_cpu() {
-    for (cu, tol) in backends("norm_rope_swiglu_dropout_match_cpu") {
-        let mut r = rng(2);
-        // RMSNorm
-        let (n, c) = (5, 40);
-        let x = rounded(&cu, C, &random(&mut r, n * c, 1.0));
-        let w = rounded(&cu, F, &random(&mut r, c, 1.0));
-        let (mut wo, mut wr) = (vec![0.0; n * c], vec![0.0; n]);
-        Cpu.rmsnorm_forward(&mut wo, &mut wr, &x, &w, c, 1e-5)
-            .unwrap();
-        let (dx_, dw_) = (up(&cu, &x, C), up(&cu, &w, F));
-        let (mut o, mut rs) = (nan(&cu, n * c, C), nan(&cu, n, F));
-        cu.rmsnorm_forward(
-            cu.view_mut(&mut o, 0..n * c),
-            cu.view_mut(&mut rs, 0..n),
-            cu.view(&dx_, 0..n * c),
-            cu.view(&dw_, 0..c),
-            c,
-            1e-5,
-        )
-        .unwrap();
-        assert_rel("rmsnorm out", &cu, &down(&cu, &o), &wo, tol);
-        assert_rel("rmsnorm rstd", &cu, &down(&cu, &rs), &wr, tol);
-        let dout = rounded(&cu, C, &random(&mut r, n * c, 1.0));
-        let (gx0, gw0) = (
-            rounded(&cu, C, &random(&mut r, n * c, 1.0)),
-            random(&mut r, c, 1.0),
-        );
-        let rstd = down(&cu, &rs);
-        let (mut wgx, mut wgw) = (gx0.clone(), gw0.clone());
-        Cpu.rmsnorm_backward(&mut wgx, Some(&mut wgw), &dout, &x, &w, &rstd, c)
-            .unwrap();
-        let ddo = up(&cu, &dout, C);
-        let (mut gx, mut gw) = (up(&cu, &gx0, C), up(&cu, &gw0, F));
-        cu.rmsnorm_backward(
-            cu.view_mut(&mut gx, 0..n * c),
-            Some(cu.view_mut(&mut gw, 0..c)),
-            cu.view(&ddo, 0..n * c),
-            cu.view(&dx_, 0..n * c),
-            cu.view(&dw_, 0..c),
-            cu.view(&rs, 0..n),
-            c,
-        )
-        .unwrap();
-        assert_rel("rmsnorm dx", &cu, &down(&cu, &gx), &wgx, tol);
-        assert_rel("rmsnorm dw", &cu, &down(&cu, &gw), &wgw, tol);
-
-        // RoPE forward and backward
-        let (n, heads, hd, p) = (6, 3, 8, 10);
-        let half = hd / 2;
-        let cos: Vec<f32> = (0..p * half)
-            .map(|i| ((i / half) as f32 * 0.3 / (1 + i % half) as f32).cos())
-            .collect();
-        let sin: Vec<f32> = (0..p * half)
-            .map(|i| ((i / half) as f32 * 0.3 / (1 + i % half) as f32).sin())
-            .collect();
-        let pos: Vec<u32> = (0..n).map(|_| r.random_range(0..p as u32)).collect();
-        let x = rounded(&cu, C, &random(&mut r, n * heads * hd, 1.0));
-        let (dcos, dsin) = (up(&cu, &cos, F), up(&cu, &sin, F));
-        for backward in [false, true] {
-            let mut want = x.clone();
-            let mut dx = up(&cu, &x, C);
-            let len = x.len();
-            if backward {
-                Cpu.rope_backward(&mut want, &cos, &sin, &pos, heads, hd)
-                    .unwrap();
-                cu.rope_backward(
-                    cu.view_mut(&mut dx, 0..len),
-                    cu.view(&dcos, 0..p * half),
-                    cu.view(&dsin, 0..p * half),
-                    &pos,
-                    heads,
-                    hd,
-                )
-                .unwrap();
-            } else {
-                Cpu.rope_forward(&mut want, &cos, &sin, &pos, heads, hd)
-                    .unwrap();
-                cu.rope_forward(
-                    cu.view_mut(&mut dx, 0..len),
-                    cu.view(&dcos, 0..p * half),
-                    cu.view(&dsin, 0..p * half),
-                    &pos,
-                    heads,
-                    hd,
-                )
-                .unwrap();
-            }
-            assert_rel(
-                &format!("rope backward={backward}"),
-                &cu,
-                &down(&cu, &dx),
-                &want,
-                tol,
-            );
-        }
-
-        // SwiGLU
-        let n = 123;
-        let (g, u) = (
-            rounded(&cu, C, &random(&mut r, n, 2.0)),
-            rounded(&cu, C, &random(&mut r, n, 2.0)),
-        );
-        let mut want = vec![0.0; n];
-        Cpu.swiglu_forward(&mut want, &g, &u).unwrap();
-        let (dg_, du_) = (up(&cu, &g, C), up(&cu, &u, C));
-        let mut o = nan(&cu, n, C);
-        cu.swiglu_forward(
-            cu.view_mut(&mut o, 0..n),
-            cu.view(&dg_, 0..n),
-            cu.view(&du_, 0..n),
-        )
-        .unwrap();
-        assert_rel("swiglu forward", &cu, &down(&cu, &o), &want, tol);
-        let dout = rounded(&cu, C, &random(&mut r, n, 1.0));
-        let (g0, u0) = (
-            rounded(&cu, C, &random(&mut r, n, 1.0)),
-            rounded(&cu, C, &random(&mut r, n, 1.0)),
-        );
-        let (mut wg, mut wu) = (g0.clone(), u0.clone());
-        Cpu.swiglu_backward(&mut wg, &mut wu, &dout, &g, &u)
-            .unwrap();
-        let ddo = up(&cu, &dout, C);
-        let (mut gg, mut gu) = (up(&cu, &g0, C), up(&cu, &u0, C));
-        cu.swiglu_backward(
-            cu.view_mut(&mut gg, 0..n),
-            cu.view_mut(&mut gu, 0..n),
-            cu.view(&ddo, 0..n),
-            cu.view(&dg_, 0..n),
-            cu.view(&du_, 0..n),
-        )
-        .unwrap();
-        assert_rel("swiglu dgate", &cu, &down(&cu, &gg), &wg, tol);
-        assert_rel("swiglu dup", &cu, &down(&cu, &gu), &wu, tol);
-
-        // Dropout: the same mask as the CPU (zeros in the same places).
-        let n = 200;
-        let x: Vec<f32> = (0..n).map(|i| 0.5 + (i % 7) as f32 * 0.125).collect();
-        let mut want = vec![0.0; n];
-        Cpu.dropout_forward(&mut want, &x, 0.3, 77).unwrap();
-        let dx = up(&cu, &x, C);
-        let mut o = nan(&cu, n, C);
-        cu.dropout_forward(cu.view_mut(&mut o, 0..n), cu.view(&dx, 0..n), 0.3, 77)
-            .unwrap();
-        let got = down(&cu, &o);
-        for i in 0..n {
-            assert_eq!(got[i] == 0.0, want[i] == 0.0, "dropout mask [{i}]");
-        }
-        assert_rel("dropout forward", &cu, &got, &rounded(&cu, C, &want), tol);
-        let g0 = rounded(&cu, C, &random(&mut r, n, 1.0));
-        let mut wg = g0.clone();
-        Cpu.dropout_backward(&mut wg, &x, 0.3, 77).unwrap();
-        let mut gg = up(&cu, &g0, C);
-        cu.dropout_backward(cu.view_mut(&mut gg, 0..n), cu.view(&dx, 0..n), 0.3, 77)
-            .unwrap();
-        assert_rel("dropout backward", &cu, &down(&cu, &gg), &wg, tol);
     }
 }
 
@@ -445,11 +295,799 @@ fn gemm_matches_cpu_for_every_layout_and_precision() {
     }
 }
 
-// ---- attention -----------------------------------------------------------------------
+// ---- memory ---------------------------------------------------------------------
 
 #[test]
-fn attention_matches_cpu() {
-    for (cu, tol) in backends("attention_matches_cpu") {
+fn fill_and_convert_match_cpu() {
+    // Every storage type is allocated on one device (`Cuda::alloc`).
+    let Some((cu, _)) = backends("fill_and_convert_match_cpu").into_iter().next() else {
+        return;
+    };
+    let cu = &cu;
+    let mut r = rng(1);
+    let n = 1000 + 3;
+    for (dt, _) in CASES {
+        let mut b = Dev::poisoned(cu, n, dt);
+        cu.fill(b.m(), -0.3).unwrap();
+        let mut want = vec![f32::NAN; n];
+        Cpu.fill(&mut want, -0.3).unwrap();
+        assert_eq!(
+            bits(&b.get()),
+            bits(&round(dt, &want)),
+            "fill [{}]",
+            dt.name()
+        );
+    }
+    // Every pair of storage types, with values that round, overflow fp16,
+    // are fp16-subnormal or underflow it, signed zeros and infinities.
+    let mut x = random(&mut r, n, 3.0);
+    let special = [
+        7e4,
+        -7e4,
+        65504.0,
+        6e-5,
+        3e-6,
+        -2e-8,
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e30,
+        1.0 + 1.0 / 256.0, // ties: bf16 rounds to even (down, up), fp16 too
+        1.0 + 3.0 / 256.0,
+        1.0 + 1.0 / 2048.0,
+        1.0 + 3.0 / 2048.0,
+        65520.0,                         // fp16: a tie between 65504 and 2^16 (inf)
+        1.5 * 2f32.powi(-24),            // fp16 subnormal tie
+        2f32.powi(-25),                  // fp16: a tie between 0 and the least subnormal
+        2f32.powi(-25) + 2f32.powi(-40), // just above it
+        2f32.powi(-14) - 2f32.powi(-25), // the subnormal / normal boundary
+    ];
+    x[..special.len()].copy_from_slice(&special);
+    for (src_dt, _) in CASES {
+        let src = Dev::new(cu, &x, src_dt);
+        for (dst_dt, _) in CASES {
+            let mut dst = Dev::poisoned(cu, n, dst_dt);
+            cu.copy(dst.m(), src.v()).unwrap();
+            let want = round(dst_dt, &round(src_dt, &x));
+            assert_eq!(
+                bits(&dst.get()),
+                bits(&want),
+                "convert {} -> {} (round to nearest even, as the half crate)",
+                src_dt.name(),
+                dst_dt.name()
+            );
+        }
+    }
+    // NaN stays NaN.
+    let src = Dev::new(cu, &[f32::NAN, 1.0], F32);
+    for (dt, _) in CASES {
+        let mut dst = Dev::poisoned(cu, 2, dt);
+        cu.fill(dst.m(), 0.0).unwrap();
+        cu.copy(dst.m(), src.v()).unwrap();
+        let got = dst.get();
+        assert!(
+            got[0].is_nan() && got[1] == 1.0,
+            "convert NaN [{}]: {got:?}",
+            dt.name()
+        );
+    }
+}
+
+// ---- elementwise ------------------------------------------------------------------
+
+#[test]
+fn axpy_scale_sum_squares_match_cpu() {
+    let all = backends("axpy_scale_sum_squares_match_cpu");
+    let mut r = rng(2);
+    for (cu, tol) in &all {
+        let (cu, tol, dt) = (cu, *tol, cu.dtype());
+        let n = 3000 + 13;
+        let x = random(&mut r, n, 1.0);
+        let y0 = random(&mut r, n, 1.0);
+        let xb = Dev::new(cu, &x, dt);
+        // An f32 accumulator and a compute-dtype y.
+        for ydt in [F32, dt] {
+            let mut yb = Dev::new(cu, &y0, ydt);
+            cu.axpy(yb.m(), -0.75, xb.v()).unwrap();
+            let mut want = round(ydt, &y0);
+            Cpu.axpy(&mut want, -0.75, &round(dt, &x)).unwrap();
+            assert_rel(
+                &format!("axpy (y {})", ydt.name()),
+                cu,
+                &yb.get(),
+                &want,
+                tol,
+            );
+        }
+        for p in [F32, dt] {
+            let mut b = Dev::new(cu, &x, p);
+            cu.scale(b.m(), -1.5).unwrap();
+            let mut want = round(p, &x);
+            Cpu.scale(&mut want, -1.5).unwrap();
+            assert_rel("scale", cu, &b.get(), &want, tol);
+        }
+        // One block with idle threads; several blocks.
+        for n in [100, 9000] {
+            let x = random(&mut r, n, 2.0);
+            let b = Dev::new(cu, &x, dt);
+            let got = deterministic("sum_squares", || {
+                vec![vec![cu.sum_squares(b.v()).unwrap() as f32]]
+            });
+            let got64 = cu.sum_squares(b.v()).unwrap();
+            let want = Cpu.sum_squares(&round(dt, &x)).unwrap();
+            assert!(
+                (got64 - want).abs() <= 1e-12 * want,
+                "sum_squares n={n} [{}]: {got64} vs {want}",
+                dt.name()
+            );
+            assert_eq!(got[0][0], got64 as f32);
+        }
+        // inf and NaN propagate.
+        let mut x = random(&mut r, 5000, 1.0);
+        x[4321] = f32::INFINITY;
+        assert_eq!(
+            cu.sum_squares(Dev::new(cu, &x, dt).v()).unwrap(),
+            f64::INFINITY
+        );
+        x[17] = f32::NAN;
+        assert!(cu.sum_squares(Dev::new(cu, &x, dt).v()).unwrap().is_nan());
+    }
+    // Long enough that the grid is capped (1024 blocks, each thread strides).
+    if let Some((cu, _)) = all.first() {
+        let x = random(&mut r, 4_500_001, 1.0);
+        let got = cu.sum_squares(Dev::new(cu, &x, F32).v()).unwrap();
+        let want = Cpu.sum_squares(&x).unwrap();
+        assert!(
+            (got - want).abs() <= 1e-12 * want,
+            "sum_squares (capped grid): {got} vs {want}"
+        );
+    }
+}
+
+// ---- bias ---------------------------------------------------------------------------
+
+#[test]
+fn bias_matches_cpu() {
+    let all = backends("bias_matches_cpu");
+    let mut r = rng(3);
+    // 150 rows: three chunks of the column reduction; 70 columns: a partial
+    // warp of columns; 300: two column blocks.
+    let rows = 150;
+    for (c, cu, tol) in all
+        .iter()
+        .flat_map(|(cu, tol)| [(70, cu, *tol), (300, cu, *tol)])
+    {
+        let dt = cu.dtype();
+        for bdt in [F32, dt] {
+            let x = random(&mut r, rows * c, 1.0);
+            let bias = random(&mut r, c, 1.0);
+            let mut xb = Dev::new(cu, &x, dt);
+            let bb = Dev::new(cu, &bias, bdt);
+            cu.add_bias(xb.m(), bb.v(), c).unwrap();
+            let mut want = round(dt, &x);
+            Cpu.add_bias(&mut want, &round(bdt, &bias), c).unwrap();
+            assert_rel(
+                &format!("add_bias (bias {})", bdt.name()),
+                cu,
+                &xb.get(),
+                &want,
+                tol,
+            );
+        }
+        let dout = random(&mut r, rows * c, 1.0);
+        let db0 = random(&mut r, c, 1.0);
+        let doutb = Dev::new(cu, &dout, dt);
+        let got = deterministic("bias_backward", || {
+            let mut dbb = Dev::new(cu, &db0, F32);
+            cu.bias_backward(dbb.m(), doutb.v(), c).unwrap();
+            vec![dbb.get()]
+        });
+        let mut want = db0.clone();
+        Cpu.bias_backward(&mut want, &round(dt, &dout), c).unwrap();
+        assert_rel("bias_backward", cu, &got[0], &want, tol);
+    }
+}
+
+// ---- embedding ----------------------------------------------------------------------
+
+#[test]
+fn embedding_matches_cpu() {
+    let all = backends("embedding_matches_cpu");
+    let mut r = rng(4);
+    let n = 64;
+    // C = 48: one column per thread; C = 300: threads stride over the columns.
+    for (v, c, cu, tol) in all
+        .iter()
+        .flat_map(|(cu, tol)| [(37, 48, cu, *tol), (20, 300, cu, *tol)])
+    {
+        let dt = cu.dtype();
+        let mut ids: Vec<u32> = (0..n).map(|_| r.random_range(0..v as u32)).collect();
+        ids[n - 1] = ids[0];
+        ids[1] = v as u32 - 1;
+        for tp in [F32, dt] {
+            let table = random(&mut r, v * c, 1.0);
+            let tb = Dev::new(cu, &table, tp);
+            let mut out = Dev::poisoned(cu, n * c, dt);
+            cu.embedding_forward(out.m(), tb.v(), &ids, c).unwrap();
+            let mut want = vec![0.0f32; n * c];
+            Cpu.embedding_forward(&mut want, &round(tp, &table), &ids, c)
+                .unwrap();
+            assert_rel("embedding_forward", cu, &out.get(), &want, tol);
+        }
+        let dout = random(&mut r, n * c, 1.0);
+        let dt0 = random(&mut r, v * c, 1.0);
+        let doutb = Dev::new(cu, &dout, dt);
+        let got = deterministic("embedding_backward", || {
+            let mut dtb = Dev::new(cu, &dt0, F32);
+            cu.embedding_backward(dtb.m(), doutb.v(), &ids, c).unwrap();
+            vec![dtb.get()]
+        });
+        let mut want = dt0.clone();
+        Cpu.embedding_backward(&mut want, &round(dt, &dout), &ids, c)
+            .unwrap();
+        assert_rel("embedding_backward", cu, &got[0], &want, tol);
+    }
+}
+
+// ---- RMSNorm ---------------------------------------------------------------------------
+
+#[test]
+fn rmsnorm_matches_cpu() {
+    let all = backends("rmsnorm_matches_cpu");
+    let mut r = rng(5);
+    let eps = 1e-6f32;
+    // 70 rows: two chunks of the dw reduction; 200 columns: idle threads in a
+    // row block; 600: threads stride over the row.
+    let n = 70;
+    for (c, cu, tol) in all
+        .iter()
+        .flat_map(|(cu, tol)| [(200, cu, *tol), (600, cu, *tol)])
+    {
+        let dt = cu.dtype();
+        for wp in [F32, dt] {
+            let x = random(&mut r, n * c, 2.0);
+            let w: Vec<f32> = random(&mut r, c, 0.5).iter().map(|v| 1.0 + v).collect();
+            let (xr, wr) = (round(dt, &x), round(wp, &w));
+            let (xb, wb) = (Dev::new(cu, &x, dt), Dev::new(cu, &w, wp));
+            let fwd = deterministic("rmsnorm_forward", || {
+                let mut out = Dev::poisoned(cu, n * c, dt);
+                let mut rstd = Dev::poisoned(cu, n, F32);
+                cu.rmsnorm_forward(out.m(), rstd.m(), xb.v(), wb.v(), c, eps)
+                    .unwrap();
+                vec![out.get(), rstd.get()]
+            });
+            let mut want_out = vec![0.0; n * c];
+            let mut want_rstd = vec![0.0; n];
+            Cpu.rmsnorm_forward(&mut want_out, &mut want_rstd, &xr, &wr, c, eps)
+                .unwrap();
+            assert_rel("rmsnorm out", cu, &fwd[0], &want_out, tol);
+            assert_rel("rmsnorm rstd", cu, &fwd[1], &want_rstd, 1e-6);
+
+            let dout = random(&mut r, n * c, 1.0);
+            let dx0 = random(&mut r, n * c, 1.0);
+            let dw0 = random(&mut r, c, 1.0);
+            let doutb = Dev::new(cu, &dout, dt);
+            let rstdb = Dev::new(cu, &want_rstd, F32);
+            for with_dw in [true, false] {
+                let got = deterministic("rmsnorm_backward", || {
+                    let mut dxb = Dev::new(cu, &dx0, dt);
+                    let mut dwb = Dev::new(cu, &dw0, F32);
+                    cu.rmsnorm_backward(
+                        dxb.m(),
+                        with_dw.then(|| dwb.m()),
+                        doutb.v(),
+                        xb.v(),
+                        wb.v(),
+                        rstdb.v(),
+                        c,
+                    )
+                    .unwrap();
+                    vec![dxb.get(), dwb.get()]
+                });
+                let mut want_dx = round(dt, &dx0);
+                let mut want_dw = dw0.clone();
+                Cpu.rmsnorm_backward(
+                    &mut want_dx,
+                    with_dw.then_some(&mut want_dw[..]),
+                    &round(dt, &dout),
+                    &xr,
+                    &wr,
+                    &want_rstd,
+                    c,
+                )
+                .unwrap();
+                assert_rel("rmsnorm dx", cu, &got[0], &want_dx, tol);
+                if with_dw {
+                    assert_rel("rmsnorm dw", cu, &got[1], &want_dw, tol);
+                } else {
+                    assert_eq!(bits(&got[1]), bits(&dw0), "rmsnorm without dw wrote dw");
+                }
+            }
+        }
+    }
+}
+
+// ---- rotary embedding ---------------------------------------------------------------------
+
+#[test]
+fn rope_matches_cpu() {
+    let all = backends("rope_matches_cpu");
+    let mut r = rng(6);
+    let (n, heads, hd, p) = (12, 3, 16, 40);
+    let half = hd / 2;
+    let angle = |pos: usize, i: usize| pos as f32 / 10_000f32.powf(2.0 * i as f32 / hd as f32);
+    let cos: Vec<f32> = (0..p * half)
+        .map(|k| angle(k / half, k % half).cos())
+        .collect();
+    let sin: Vec<f32> = (0..p * half)
+        .map(|k| angle(k / half, k % half).sin())
+        .collect();
+    let positions: Vec<u32> = (0..n).map(|_| r.random_range(0..p as u32)).collect();
+    for (cu, tol) in &all {
+        let (cu, tol, dt) = (cu, *tol, cu.dtype());
+        let (cb, sb) = (Dev::new(cu, &cos, F32), Dev::new(cu, &sin, F32));
+        for backward in [false, true] {
+            let x = random(&mut r, n * heads * hd, 1.0);
+            let mut xb = Dev::new(cu, &x, dt);
+            let mut want = round(dt, &x);
+            if backward {
+                cu.rope_backward(xb.m(), cb.v(), sb.v(), &positions, heads, hd)
+                    .unwrap();
+                Cpu.rope_backward(&mut want, &cos, &sin, &positions, heads, hd)
+                    .unwrap();
+            } else {
+                cu.rope_forward(xb.m(), cb.v(), sb.v(), &positions, heads, hd)
+                    .unwrap();
+                Cpu.rope_forward(&mut want, &cos, &sin, &positions, heads, hd)
+                    .unwrap();
+            }
+            assert_rel(
+                if backward {
+                    "rope_backward"
+                } else {
+                    "rope_forward"
+                },
+                cu,
+                &xb.get(),
+                &want,
+                tol,
+            );
+        }
+    }
+}
+
+// ---- SwiGLU --------------------------------------------------------------------------------
+
+#[test]
+fn swiglu_matches_cpu() {
+    let all = backends("swiglu_matches_cpu");
+    let mut r = rng(7);
+    let n = 2000 + 7;
+    for (cu, tol) in &all {
+        let (cu, tol, dt) = (cu, *tol, cu.dtype());
+        let mut gate = random(&mut r, n, 4.0);
+        gate[0] = 80.0; // saturated sigmoids stay finite
+        gate[1] = -80.0;
+        let up = random(&mut r, n, 2.0);
+        let (gr, ur) = (round(dt, &gate), round(dt, &up));
+        let (gb, ub) = (Dev::new(cu, &gate, dt), Dev::new(cu, &up, dt));
+        let mut out = Dev::poisoned(cu, n, dt);
+        cu.swiglu_forward(out.m(), gb.v(), ub.v()).unwrap();
+        let mut want = vec![0.0; n];
+        Cpu.swiglu_forward(&mut want, &gr, &ur).unwrap();
+        assert_rel("swiglu_forward", cu, &out.get(), &want, tol);
+
+        let dout = random(&mut r, n, 1.0);
+        let (dg0, du0) = (random(&mut r, n, 1.0), random(&mut r, n, 1.0));
+        let (mut dgb, mut dub) = (Dev::new(cu, &dg0, dt), Dev::new(cu, &du0, dt));
+        cu.swiglu_backward(
+            dgb.m(),
+            dub.m(),
+            Dev::new(cu, &dout, dt).v(),
+            gb.v(),
+            ub.v(),
+        )
+        .unwrap();
+        let (mut wg, mut wu) = (round(dt, &dg0), round(dt, &du0));
+        Cpu.swiglu_backward(&mut wg, &mut wu, &round(dt, &dout), &gr, &ur)
+            .unwrap();
+        assert_rel("swiglu dgate", cu, &dgb.get(), &wg, tol);
+        assert_rel("swiglu dup", cu, &dub.get(), &wu, tol);
+    }
+}
+
+// ---- dropout -------------------------------------------------------------------------------
+
+#[test]
+fn dropout_matches_cpu_mask_exactly() {
+    let all = backends("dropout_matches_cpu_mask_exactly");
+    let mut r = rng(8);
+    let n = 3000 + 1;
+    for (cu, tol) in &all {
+        let (cu, tol, dt) = (cu, *tol, cu.dtype());
+        for (p, seed) in [
+            (0.3f32, 0x1234_5678_9abc_def0u64),
+            (0.9, 7),
+            (0.0, 1),
+            (1.0, 2),
+        ] {
+            let x = nonzero(&mut r, n);
+            let xb = Dev::new(cu, &x, dt);
+            let mut out = Dev::poisoned(cu, n, dt);
+            cu.dropout_forward(out.m(), xb.v(), p, seed).unwrap();
+            let got = out.get();
+            let mut want = vec![0.0; n];
+            Cpu.dropout_forward(&mut want, &round(dt, &x), p, seed)
+                .unwrap();
+            for i in 0..n {
+                let keep = dropout_keep(seed, i as u64, p);
+                assert_eq!(
+                    got[i] != 0.0,
+                    keep,
+                    "dropout_forward p={p} element {i} [{}]",
+                    dt.name()
+                );
+                assert_eq!(want[i] != 0.0, keep, "cpu dropout p={p} element {i}");
+            }
+            assert_rel(&format!("dropout_forward p={p}"), cu, &got, &want, tol);
+
+            let dout = nonzero(&mut r, n);
+            let dx0 = random(&mut r, n, 1.0);
+            let mut dxb = Dev::new(cu, &dx0, dt);
+            cu.dropout_backward(dxb.m(), Dev::new(cu, &dout, dt).v(), p, seed)
+                .unwrap();
+            let mut want = round(dt, &dx0);
+            Cpu.dropout_backward(&mut want, &round(dt, &dout), p, seed)
+                .unwrap();
+            let got = dxb.get();
+            let dx0r = round(dt, &dx0);
+            for i in 0..n {
+                if !dropout_keep(seed, i as u64, p) {
+                    assert_eq!(
+                        got[i], dx0r[i],
+                        "dropout_backward p={p}: dropped element {i} changed"
+                    );
+                }
+            }
+            assert_rel(&format!("dropout_backward p={p}"), cu, &got, &want, tol);
+        }
+    }
+}
+
+// ---- cross-entropy ----------------------------------------------------------------------------
+
+#[test]
+fn cross_entropy_matches_cpu() {
+    let all = backends("cross_entropy_matches_cpu");
+    let mut r = rng(9);
+    // V = 300 < 512 threads (idle threads), V = 1100 (a thread reads several
+    // logits); ignored rows; the first and last ids.
+    for (v, cu, tol) in all
+        .iter()
+        .flat_map(|(cu, tol)| [(300, cu, *tol), (1100, cu, *tol)])
+    {
+        let dt = cu.dtype();
+        let targets = [-100, 0, v as i32 - 1, 5, -100, 150, 42];
+        let n = targets.len();
+        let mut logits = random(&mut r, n * v, 4.0);
+        logits[3 * v + 7] = 40.0; // a dominant logit
+        logits[5 * v..6 * v].iter_mut().for_each(|x| *x -= 30.0); // a shifted row
+        let lr = round(dt, &logits);
+        for grad_scale in [None, Some(0.25f32)] {
+            let got = deterministic("cross_entropy", || {
+                let mut lb = Dev::new(cu, &logits, dt);
+                let loss = cu.cross_entropy(lb.m(), &targets, v, grad_scale).unwrap();
+                vec![loss, lb.get()]
+            });
+            let mut want_logits = lr.clone();
+            let want = Cpu
+                .cross_entropy(&mut want_logits, &targets, v, grad_scale)
+                .unwrap();
+            assert_rel(
+                &format!("cross_entropy loss {grad_scale:?}"),
+                cu,
+                &got[0],
+                &want,
+                tol.max(1e-6),
+            );
+            for (row, &t) in targets.iter().enumerate() {
+                if t == -100 {
+                    assert_eq!(got[0][row], 0.0, "ignored row {row} has a loss");
+                }
+            }
+            if grad_scale.is_some() {
+                assert_rel("cross_entropy grad", cu, &got[1], &want_logits, tol);
+            } else {
+                assert_eq!(
+                    bits(&got[1]),
+                    bits(&lr),
+                    "cross_entropy without grad_scale wrote the logits"
+                );
+            }
+        }
+    }
+    // A NaN logit makes the row's loss NaN (the kernel's documented
+    // behaviour). NOTE: the CPU op differs here — its simd::exp maps NaN to
+    // about 1.6e-38, so its loss stays finite — hence no comparison.
+    for (cu, _) in &all {
+        let mut logits = vec![0.5f32; 2 * 40];
+        logits[7] = f32::NAN;
+        let mut lb = Dev::new(cu, &logits, cu.dtype());
+        let loss = cu.cross_entropy(lb.m(), &[3, 3], 40, Some(1.0)).unwrap();
+        assert!(
+            loss[0].is_nan() && (loss[1] - 40f32.ln()).abs() < 1e-6,
+            "{loss:?} [{}]",
+            cu.dtype().name()
+        );
+    }
+}
+
+// ---- AdamW -------------------------------------------------------------------------------
+
+#[test]
+fn adamw_matches_cpu() {
+    let all = backends("adamw_matches_cpu");
+    let mut r = rng(10);
+    let n = 1000 + 5; // params, grads and moments are f32 whatever the compute type
+    for (cu, step) in all.iter().flat_map(|(cu, _)| [(cu, 1u64), (cu, 10)]) {
+        let h = AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step,
+        };
+        let p0 = random(&mut r, n, 1.0);
+        let g = random(&mut r, n, 1e-2);
+        let m0 = random(&mut r, n, 1e-3);
+        let v0: Vec<f32> = random(&mut r, n, 1e-4).iter().map(|x| x.abs()).collect();
+        let (mut pb, gb, mut mb, mut vb) = (
+            Dev::new(cu, &p0, F32),
+            Dev::new(cu, &g, F32),
+            Dev::new(cu, &m0, F32),
+            Dev::new(cu, &v0, F32),
+        );
+        cu.adamw(pb.m(), gb.v(), mb.m(), vb.m(), h).unwrap();
+        let (mut wp, mut wm, mut wv) = (p0.clone(), m0.clone(), v0.clone());
+        Cpu.adamw(&mut wp, &g, &mut wm, &mut wv, h).unwrap();
+        assert_rel("adamw params", cu, &pb.get(), &wp, 1e-6);
+        assert_rel("adamw m", cu, &mb.get(), &wm, 1e-6);
+        assert_rel("adamw v", cu, &vb.get(), &wv, 1e-6);
+    }
+}
+
+// ---- attention ----------------------------------------------------------------------------------------
+
+/// Sample 0 left-padded (its first rows see no key), the last one
+/// right-padded, holes in between (as tests/cuda_attention.rs).
+fn padding_mask(s: AttnShape) -> Vec<u8> {
+    let t = s.t;
+    let mut m = vec![1u8; s.b * t];
+    m[..t / 3].fill(0);
+    let last = (s.b - 1) * t;
+    m[last + t - t / 4..last + t].fill(0);
+    for bi in 0..s.b {
+        for j in (bi + 5..t).step_by(11) {
+            m[bi * t + j] = 0;
+        }
+    }
+    m
+}
+
+/// The key mask of a case.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Keys {
+    All,
+    /// padding_mask
+    Padded,
+    /// padding_mask, and the last sample all padding
+    EmptySample,
+}
+
+fn attention_case(cases: &[(Cuda, f64)], seed: u64, s: AttnShape, keys: Keys, rerun: bool) {
+    attention_case_at(cases, seed, s, keys, rerun, 0)
+}
+
+/// `off`: every tensor is a view that many elements into its buffer.
+fn attention_case_at(
+    cases: &[(Cuda, f64)],
+    seed: u64,
+    s: AttnShape,
+    keys: Keys,
+    rerun: bool,
+    off: usize,
+) {
+    let masked = keys != Keys::All;
+    let mask_v = masked.then(|| {
+        let mut m = padding_mask(s);
+        if keys == Keys::EmptySample {
+            m[(s.b - 1) * s.t..].fill(0);
+        }
+        m
+    });
+    let mask = mask_v.as_deref();
+    let (nq, nk, nl) = (
+        s.b * s.t * s.nh * s.hd,
+        s.b * s.t * s.nkv * s.hd,
+        s.b * s.nh * s.t,
+    );
+    let mut r = rng(seed);
+    let (q, k, v, dout) = (
+        random(&mut r, nq, 1.0),
+        random(&mut r, nk, 1.0),
+        random(&mut r, nk, 1.0),
+        random(&mut r, nq, 1.0),
+    );
+    for (cu, tol) in cases {
+        let (cu, tol, dt) = (cu, *tol, cu.dtype());
+        let what = |name: &str| format!("attention {name} {s:?} {keys:?}");
+        let (qr, kr, vr, dr) = (
+            round(dt, &q),
+            round(dt, &k),
+            round(dt, &v),
+            round(dt, &dout),
+        );
+        let (qb, kb, vb, db) = (
+            Dev::at(cu, &q, dt, off),
+            Dev::at(cu, &k, dt, off),
+            Dev::at(cu, &v, dt, off),
+            Dev::at(cu, &dout, dt, off),
+        );
+
+        // ---- forward ----
+        let mut out_cpu = vec![0.0; nq];
+        let mut lse_cpu = vec![0.0; nl];
+        Cpu.attention_forward(&mut out_cpu, &mut lse_cpu, &qr, &kr, &vr, mask, s)
+            .unwrap();
+        let run_fwd = || {
+            let mut out = Dev::poisoned_at(cu, nq, dt, off);
+            let mut lse = Dev::poisoned_at(cu, nl, F32, off);
+            cu.attention_forward(out.m(), lse.m(), qb.v(), kb.v(), vb.v(), mask, s)
+                .unwrap();
+            vec![out.get(), lse.get()]
+        };
+        let fwd = if rerun {
+            deterministic(&what("forward"), run_fwd)
+        } else {
+            run_fwd()
+        };
+        let (out, lse) = (&fwd[0], &fwd[1]);
+        assert_rel(&what("out"), cu, out, &out_cpu, tol);
+        let (mut got, mut want, mut hidden) = (Vec::new(), Vec::new(), 0);
+        for (row, (&g, &w)) in lse.iter().zip(&lse_cpu).enumerate() {
+            if w == f32::NEG_INFINITY {
+                hidden += 1;
+                assert_eq!(g, f32::NEG_INFINITY, "{}: lse[{row}]", what("lse"));
+                let (bh, i) = (row / s.t, row % s.t);
+                let (bi, h) = (bh / s.nh, bh % s.nh);
+                let o = ((bi * s.t + i) * s.nh + h) * s.hd;
+                assert!(
+                    out[o..o + s.hd].iter().all(|&x| x == 0.0),
+                    "{}: hidden row {row} not 0",
+                    what("out")
+                );
+            } else {
+                got.push(g);
+                want.push(w);
+            }
+        }
+        assert_eq!(
+            hidden > 0,
+            masked,
+            "the mask must hide whole rows (and only then)"
+        );
+        assert_rel(&what("lse"), cu, &got, &want, tol.min(1e-4));
+
+        // ---- backward: the CPU's out (rounded) and lse, random initial gradients ----
+        let out_r = round(dt, &out_cpu);
+        let (mut gq, mut gk, mut gv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+        Cpu.attention_backward(
+            &mut gq, &mut gk, &mut gv, &dr, &qr, &kr, &vr, &out_r, &lse_cpu, mask, s,
+        )
+        .unwrap();
+        // Initial gradients about as large as the gradients (both a missing +=
+        // and an overwrite show), not below 1e-3 (T = 1: dq is rounding noise).
+        let dq0 = round(dt, &random(&mut r, nq, rms(&gq).max(1e-3)));
+        let dk0 = round(dt, &random(&mut r, nk, rms(&gk).max(1e-3)));
+        let dv0 = round(dt, &random(&mut r, nk, rms(&gv).max(1e-3)));
+        let (mut wq, mut wk, mut wv) = (dq0.clone(), dk0.clone(), dv0.clone());
+        Cpu.attention_backward(
+            &mut wq, &mut wk, &mut wv, &dr, &qr, &kr, &vr, &out_r, &lse_cpu, mask, s,
+        )
+        .unwrap();
+        let (outb, lseb) = (
+            Dev::at(cu, &out_r, dt, off),
+            Dev::at(cu, &lse_cpu, F32, off),
+        );
+        let run_bwd = || {
+            let (mut dqb, mut dkb, mut dvb) = (
+                Dev::at(cu, &dq0, dt, off),
+                Dev::at(cu, &dk0, dt, off),
+                Dev::at(cu, &dv0, dt, off),
+            );
+            cu.attention_backward(
+                dqb.m(),
+                dkb.m(),
+                dvb.m(),
+                db.v(),
+                qb.v(),
+                kb.v(),
+                vb.v(),
+                outb.v(),
+                lseb.v(),
+                mask,
+                s,
+            )
+            .unwrap();
+            vec![dqb.get(), dkb.get(), dvb.get()]
+        };
+        let bwd = if rerun {
+            deterministic(&what("backward"), run_bwd)
+        } else {
+            run_bwd()
+        };
+        assert_rel(&what("dq"), cu, &bwd[0], &wq, tol);
+        assert_rel(&what("dk"), cu, &bwd[1], &wk, tol);
+        assert_rel(&what("dv"), cu, &bwd[2], &wv, tol);
+    }
+}
+
+fn shape(b: usize, t: usize, nh: usize, nkv: usize, hd: usize) -> AttnShape {
+    AttnShape { b, t, nh, nkv, hd }
+}
+
+#[test]
+fn attention_hd32_matches_cpu() {
+    let e = &backends("attention_hd32_matches_cpu");
+    attention_case(e, 100, shape(2, 40, 4, 2, 32), Keys::All, true);
+    attention_case(e, 101, shape(2, 40, 4, 2, 32), Keys::Padded, false);
+}
+
+#[test]
+fn attention_hd64_matches_cpu() {
+    let e = &backends("attention_hd64_matches_cpu");
+    attention_case(e, 102, shape(2, 40, 4, 2, 64), Keys::All, false);
+    attention_case(e, 103, shape(2, 40, 4, 2, 64), Keys::Padded, true);
+}
+
+/// The largest head dim, T not a multiple of any tile (the GPU test's main case).
+#[test]
+fn attention_hd128_matches_cpu() {
+    let e = &backends("attention_hd128_matches_cpu");
+    attention_case(e, 106, shape(2, 77, 4, 2, 128), Keys::Padded, false);
+}
+
+/// Head dims that are not a multiple of 16 (zero-padded tiles): 40 (16-byte
+/// loads for every type), 33 (element loads for every type); 3 query heads
+/// per kv head.
+#[test]
+fn attention_odd_head_dims_match_cpu() {
+    let e = &backends("attention_odd_head_dims_match_cpu");
+    attention_case(e, 104, shape(1, 21, 3, 1, 40), Keys::Padded, false);
+    attention_case(e, 105, shape(1, 18, 2, 1, 33), Keys::All, false);
+}
+
+/// No grouping (NH = NKV) with T below one tile, a group of 8 query heads,
+/// T = 2, a head dim of 1, and a sample whose keys are all padding.
+#[test]
+fn attention_edge_cases_match_cpu() {
+    let e = &backends("attention_edge_cases_match_cpu");
+    attention_case(e, 107, shape(3, 9, 2, 2, 16), Keys::Padded, true);
+    attention_case(e, 108, shape(2, 33, 8, 1, 64), Keys::Padded, false);
+    attention_case(e, 109, shape(1, 2, 1, 1, 8), Keys::All, false);
+    attention_case(e, 110, shape(1, 17, 2, 2, 1), Keys::All, false);
+    attention_case(e, 111, shape(2, 37, 4, 2, 64), Keys::EmptySample, false);
+    // Views one element into their buffers: the launcher turns 16-byte loads off.
+    attention_case_at(e, 112, shape(2, 40, 4, 2, 64), Keys::Padded, false, 1);
+}
+
+/// Backward from the device's own forward output and lse (what training
+/// does), with the second sequence padded after five keys.
+#[test]
+fn attention_backward_of_device_forward_matches_cpu() {
+    for (cu, tol) in backends("attention_backward_of_device_forward_matches_cpu") {
         let mut r = rng(4);
         let s = AttnShape {
             b: 2,
@@ -560,75 +1198,314 @@ fn attention_matches_cpu() {
     }
 }
 
-// ---- cross-entropy, AdamW ---------------------------------------------------------------
+// ---- LoRA ----------------------------------------------------------------------------------------------
 
-#[test]
-fn cross_entropy_and_adamw_match_cpu() {
-    for (cu, tol) in backends("cross_entropy_and_adamw_match_cpu") {
-        let mut r = rng(5);
-        let (n, v) = (6, 50);
-        let logits = rounded(&cu, C, &random(&mut r, n * v, 3.0));
-        let targets: Vec<i32> = (0..n)
-            .map(|i| {
-                if i == 2 {
-                    -100
-                } else {
-                    r.random_range(0..v as i32)
-                }
-            })
-            .collect();
-        for grad_scale in [None, Some(0.25f32)] {
-            let mut wl = logits.clone();
-            let wloss = Cpu.cross_entropy(&mut wl, &targets, v, grad_scale).unwrap();
-            let mut dl = up(&cu, &logits, C);
-            let loss = cu
-                .cross_entropy(cu.view_mut(&mut dl, 0..n * v), &targets, v, grad_scale)
-                .unwrap();
-            assert_rel(
-                &format!("cross_entropy loss {grad_scale:?}"),
-                &cu,
-                &loss,
-                &wloss,
-                tol,
-            );
-            if grad_scale.is_some() {
-                assert_rel("cross_entropy grad", &cu, &down(&cu, &dl), &wl, tol);
-            }
+struct LoraCase {
+    s: LoraShape,
+    accumulate: bool,
+    /// (p, seeds, rows per sample)
+    dropout: Option<(f32, Vec<u64>, usize)>,
+    /// A and B stored in the compute type instead of f32 (the launcher converts them).
+    weights_compute: bool,
+    /// Every tensor is a view this many elements into its buffer (misaligned
+    /// for vector loads and paired stores unless a multiple of 16 bytes).
+    offset: usize,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    y0: Vec<f32>,
+    dy: Vec<f32>,
+    xa: Vec<f32>,
+    dx0: Vec<f32>,
+    da0: Vec<f32>,
+    db0: Vec<f32>,
+}
+
+impl LoraCase {
+    fn new(
+        seed: u64,
+        (n, n_in, n_out, r): (usize, usize, usize, usize),
+        accumulate: bool,
+        dropout: Option<(f32, usize)>,
+    ) -> Self {
+        let mut g = rng(seed);
+        let dropout = dropout.map(|(p, samples)| {
+            assert_eq!(n % samples, 0);
+            let seeds = (0..samples as u64)
+                .map(|i| 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(seed + 7 * i + 1))
+                .collect();
+            (p, seeds, n / samples)
+        });
+        LoraCase {
+            s: LoraShape {
+                n,
+                n_in,
+                n_out,
+                r,
+                scaling: 2.0,
+            },
+            accumulate,
+            dropout,
+            weights_compute: false,
+            offset: 0,
+            x: random(&mut g, n * n_in, 1.0),
+            w: random(&mut g, n_out * n_in, 0.05),
+            a: random(&mut g, r * n_in, 0.1),
+            b: random(&mut g, n_out * r, 0.1),
+            y0: random(&mut g, n * n_out, 0.5),
+            dy: random(&mut g, n * n_out, 1.0),
+            xa: random(&mut g, n * r, 1.0),
+            dx0: random(&mut g, n * n_in, 0.5),
+            da0: random(&mut g, r * n_in, 1.0),
+            db0: random(&mut g, n_out * r, 1.0),
         }
+    }
 
-        let n = 333;
-        let h = AdamW {
-            lr: 1e-2,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            step: 3,
-        };
-        let p0 = random(&mut r, n, 1.0);
-        let g = random(&mut r, n, 1.0);
-        let m0 = random(&mut r, n, 0.1);
-        let v0: Vec<f32> = random(&mut r, n, 0.1).iter().map(|x| x.abs()).collect();
-        let (mut wp, mut wm, mut wv) = (p0.clone(), m0.clone(), v0.clone());
-        Cpu.adamw(&mut wp, &g, &mut wm, &mut wv, h).unwrap();
-        let (mut dp, dg, mut dm, mut dv) = (
-            up(&cu, &p0, F),
-            up(&cu, &g, F),
-            up(&cu, &m0, F),
-            up(&cu, &v0, F),
+    fn drop(&self) -> Option<LoraDropout<'_>> {
+        self.dropout.as_ref().map(|(p, seeds, rps)| LoraDropout {
+            p: *p,
+            seeds,
+            rows_per_sample: *rps,
+        })
+    }
+
+    fn label(&self) -> String {
+        let s = self.s;
+        format!(
+            "lora n={} in={} out={} r={} accumulate={} dropout={:?} weights_compute={} offset={}",
+            s.n,
+            s.n_in,
+            s.n_out,
+            s.r,
+            self.accumulate,
+            self.dropout.as_ref().map(|d| d.0),
+            self.weights_compute,
+            self.offset
+        )
+    }
+
+    fn check(&self, cu: &Cuda, tol: f64, frozen: (bool, bool), rerun: bool) {
+        let dt = cu.dtype();
+        let s = self.s;
+        let (n, ni, no, r) = (s.n, s.n_in, s.n_out, s.r);
+        let label = self.label();
+        let up = |h: &[f32], dt| Dev::at(cu, h, dt, self.offset);
+        let nan = |n, dt| Dev::poisoned_at(cu, n, dt, self.offset);
+        let wdt = if self.weights_compute { dt } else { F32 };
+        let c = |v: &[f32]| round(dt, v);
+        let (x, w, a, b) = (
+            c(&self.x),
+            c(&self.w),
+            round(wdt, &self.a),
+            round(wdt, &self.b),
         );
-        cu.adamw(
-            cu.view_mut(&mut dp, 0..n),
-            cu.view(&dg, 0..n),
-            cu.view_mut(&mut dm, 0..n),
-            cu.view_mut(&mut dv, 0..n),
-            h,
+        let (xb, wb, ab, bb) = (up(&x, dt), up(&w, dt), up(&a, wdt), up(&b, wdt));
+
+        // ---- forward ----
+        let run_fwd = || {
+            let mut y = if self.accumulate {
+                up(&self.y0, dt)
+            } else {
+                nan(n * no, dt)
+            };
+            let mut xa = nan(n * r, dt);
+            let mut scratch = nan(n * ni, dt);
+            cu.lora_linear_forward(
+                y.m(),
+                xa.m(),
+                scratch.m(),
+                xb.v(),
+                wb.v(),
+                ab.v(),
+                bb.v(),
+                self.drop(),
+                s,
+                self.accumulate,
+            )
+            .unwrap();
+            vec![y.get(), xa.get()]
+        };
+        let fwd = if rerun {
+            deterministic(&format!("{label} forward"), run_fwd)
+        } else {
+            run_fwd()
+        };
+        let mut y_ref = if self.accumulate {
+            c(&self.y0)
+        } else {
+            vec![f32::NAN; n * no]
+        };
+        let mut xa_ref = vec![f32::NAN; n * r];
+        let mut scratch = vec![f32::NAN; n * ni];
+        Cpu.lora_linear_forward(
+            &mut y_ref,
+            &mut xa_ref,
+            &mut scratch,
+            &x,
+            &w,
+            &a,
+            &b,
+            self.drop(),
+            s,
+            self.accumulate,
         )
         .unwrap();
-        // AdamW runs on f32 state whatever the compute type.
-        assert_rel("adamw params", &cu, &down(&cu, &dp), &wp, 1e-5);
-        assert_rel("adamw m", &cu, &down(&cu, &dm), &wm, 1e-5);
-        assert_rel("adamw v", &cu, &down(&cu, &dv), &wv, 1e-5);
+        assert_rel(&format!("y {label}"), cu, &fwd[0], &y_ref, tol);
+        assert_rel(&format!("xa {label}"), cu, &fwd[1], &xa_ref, tol);
+
+        // ---- backward ----
+        let (dy, xa) = (c(&self.dy), c(&self.xa));
+        let (dyb, xab) = (up(&dy, dt), up(&xa, dt));
+        let run_bwd = || {
+            let mut dx = up(&self.dx0, dt);
+            let mut da = up(&self.da0, F32);
+            let mut db = up(&self.db0, F32);
+            let mut scratch = nan(n * ni, dt);
+            let mut dxa = nan(n * r, dt);
+            cu.lora_linear_backward(
+                dx.m(),
+                (!frozen.0).then(|| da.m()),
+                (!frozen.1).then(|| db.m()),
+                scratch.m(),
+                dxa.m(),
+                dyb.v(),
+                xb.v(),
+                xab.v(),
+                wb.v(),
+                ab.v(),
+                bb.v(),
+                self.drop(),
+                s,
+            )
+            .unwrap();
+            vec![dx.get(), da.get(), db.get()]
+        };
+        let bwd = if rerun {
+            deterministic(&format!("{label} backward"), run_bwd)
+        } else {
+            run_bwd()
+        };
+        let mut dx_ref = c(&self.dx0);
+        let (mut da_ref, mut db_ref) = (self.da0.clone(), self.db0.clone());
+        let mut scratch_dxa = vec![f32::NAN; n * r];
+        Cpu.lora_linear_backward(
+            &mut dx_ref,
+            (!frozen.0).then_some(&mut da_ref[..]),
+            (!frozen.1).then_some(&mut db_ref[..]),
+            &mut scratch,
+            &mut scratch_dxa,
+            &dy,
+            &x,
+            &xa,
+            &w,
+            &a,
+            &b,
+            self.drop(),
+            s,
+        )
+        .unwrap();
+        assert_rel(&format!("dx {label}"), cu, &bwd[0], &dx_ref, tol);
+        if frozen.0 {
+            assert_eq!(
+                bits(&bwd[1]),
+                bits(&self.da0),
+                "{label}: frozen dA was written"
+            );
+        } else {
+            assert_rel(&format!("dA {label}"), cu, &bwd[1], &da_ref, tol);
+        }
+        if frozen.1 {
+            assert_eq!(
+                bits(&bwd[2]),
+                bits(&self.db0),
+                "{label}: frozen dB was written"
+            );
+        } else {
+            assert_rel(&format!("dB {label}"), cu, &bwd[2], &db_ref, tol);
+        }
+    }
+}
+
+/// n = 96 rows (two reduction chunks), rank 8 (one 16-column group).
+#[test]
+fn lora_matches_cpu() {
+    for (cu, tol) in &backends("lora_matches_cpu") {
+        let tol = *tol;
+        LoraCase::new(20, (96, 80, 72, 8), false, None).check(cu, tol, (false, false), true);
+        LoraCase::new(21, (96, 80, 72, 8), true, Some((0.25, 2))).check(
+            cu,
+            tol,
+            (false, true),
+            false,
+        );
+    }
+}
+
+/// Several tiles in every direction: rank 64 (a full column tile), IN = 260
+/// and OUT = 200 (three and two 128-column tiles), 154 rows.
+#[test]
+fn lora_large_matches_cpu() {
+    for (cu, tol) in &backends("lora_large_matches_cpu") {
+        let tol = *tol;
+        LoraCase::new(23, (154, 260, 200, 64), true, Some((0.2, 2))).check(
+            cu,
+            tol,
+            (false, false),
+            false,
+        );
+    }
+}
+
+/// Rank 20 (two 16-column groups, padded), IN = 136 (two k-chunks of the
+/// skinny product, two column tiles elsewhere), rows not a multiple of any
+/// tile, dropout over 5 samples, weights stored in the compute type.
+#[test]
+fn lora_wide_matches_cpu() {
+    for (cu, tol) in &backends("lora_wide_matches_cpu") {
+        let (tol, dt) = (*tol, cu.dtype());
+        let mut c = LoraCase::new(22, (70, 136, 40, 20), true, Some((0.1, 5)));
+        c.check(cu, tol, (false, false), dt != F32);
+        c.weights_compute = dt != F32;
+        c.accumulate = false;
+        c.check(cu, tol, (true, false), false);
+    }
+}
+
+/// One row and rank 1; IN and OUT below one 16-wide step; p = 1 (everything
+/// dropped: the launcher's inv_keep is 0); rank 100 (two column tiles of the
+/// skinny product and of the row reductions); misaligned views.
+#[test]
+fn lora_edge_cases_match_cpu() {
+    for (cu, tol) in &backends("lora_edge_cases_match_cpu") {
+        let tol = *tol;
+        LoraCase::new(30, (1, 16, 8, 1), false, None).check(cu, tol, (false, false), false);
+        LoraCase::new(31, (64, 8, 8, 4), true, Some((0.5, 4))).check(
+            cu,
+            tol,
+            (false, false),
+            false,
+        );
+        LoraCase::new(32, (130, 64, 64, 16), false, Some((1.0, 2))).check(
+            cu,
+            tol,
+            (false, false),
+            false,
+        );
+        LoraCase::new(33, (40, 50, 30, 100), true, Some((0.3, 1))).check(
+            cu,
+            tol,
+            (false, false),
+            true,
+        );
+        // Every tensor 3 elements into its buffer: the kernels' element loads
+        // and unpaired stores.
+        let mut c = LoraCase::new(34, (96, 80, 72, 8), true, Some((0.25, 2)));
+        c.offset = 3;
+        c.check(cu, tol, (false, false), false);
+        // Rank 0 (only the base GEMM); both adapters frozen (no reductions).
+        LoraCase::new(35, (16, 24, 8, 0), true, None).check(cu, tol, (true, true), false);
+        LoraCase::new(36, (16, 24, 8, 4), false, None).check(cu, tol, (true, true), false);
     }
 }
 
@@ -716,6 +1593,9 @@ fn lora_backward<B: Backend>(
     vec![down(be, &gx), down(be, &ga), down(be, &gb)]
 }
 
+/// The same code driving both backends (`Backend::lora_linear_*`), with the
+/// frozen W stored in the compute type or in f32, odd shapes, and both
+/// adapters with or without gradients.
 #[test]
 fn lora_linear_matches_cpu() {
     for (cu, tol) in backends("lora_linear_matches_cpu") {
@@ -780,66 +1660,40 @@ fn lora_linear_matches_cpu() {
     }
 }
 
-/// Row counts that split the column reductions (bias and RMSNorm weight
-/// gradients) into several chunks; RMSNorm backward with a frozen weight.
+// ---- the program ----------------------------------------------------------------------
+
+/// Every kernel of the program is launched by the tests of this file: runs
+/// them again in a child process with the fake driver logging every launch
+/// (RLHF_EMU_LAUNCH_LOG, kernels/emu/fake/cuda.cpp) and reads the log.
 #[test]
-fn column_reductions_over_many_rows_match_cpu() {
-    for (cu, tol) in backends("column_reductions_over_many_rows_match_cpu") {
-        let mut r = rng(7);
-        let (n, c) = (200, 6);
-        let dout = rounded(&cu, C, &random(&mut r, n * c, 1.0));
-        let g0 = random(&mut r, c, 1.0);
-        let mut wg = g0.clone();
-        Cpu.bias_backward(&mut wg, &dout, c).unwrap();
-        let (ddo, mut dg) = (up(&cu, &dout, C), up(&cu, &g0, F));
-        cu.bias_backward(cu.view_mut(&mut dg, 0..c), cu.view(&ddo, 0..n * c), c)
-            .unwrap();
-        assert_rel("bias_backward 200 rows", &cu, &down(&cu, &dg), &wg, tol);
-
-        let x = rounded(&cu, C, &random(&mut r, n * c, 1.0));
-        let w = rounded(&cu, F, &random(&mut r, c, 1.0));
-        let (mut wo, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
-        Cpu.rmsnorm_forward(&mut wo, &mut rstd, &x, &w, c, 1e-5)
-            .unwrap();
-        let (dx_, dw_, drs) = (up(&cu, &x, C), up(&cu, &w, F), up(&cu, &rstd, F));
-        for with_dw in [true, false] {
-            let gx0 = rounded(&cu, C, &random(&mut r, n * c, 1.0));
-            let gw0 = random(&mut r, c, 1.0);
-            let (mut wgx, mut wgw) = (gx0.clone(), gw0.clone());
-            Cpu.rmsnorm_backward(
-                &mut wgx,
-                with_dw.then_some(&mut wgw),
-                &dout,
-                &x,
-                &w,
-                &rstd,
-                c,
-            )
-            .unwrap();
-            let (mut gx, mut gw) = (up(&cu, &gx0, C), up(&cu, &gw0, F));
-            cu.rmsnorm_backward(
-                cu.view_mut(&mut gx, 0..n * c),
-                with_dw.then(|| cu.view_mut(&mut gw, 0..c)),
-                cu.view(&ddo, 0..n * c),
-                cu.view(&dx_, 0..n * c),
-                cu.view(&dw_, 0..c),
-                cu.view(&drs, 0..n),
-                c,
-            )
-            .unwrap();
-            let what = format!("rmsnorm 200 rows dw={with_dw}");
-            assert_rel(&format!("{what} dx"), &cu, &down(&cu, &gx), &wgx, tol);
-            assert_rel(&format!("{what} dw"), &cu, &down(&cu, &gw), &wgw, tol);
-        }
-
-        // sum of squares over several blocks
-        let x = rounded(&cu, C, &random(&mut r, 5000, 1.0));
-        let dx = up(&cu, &x, C);
-        let got = cu.sum_squares(cu.view(&dx, 0..5000)).unwrap();
-        let want = Cpu.sum_squares(&x).unwrap();
-        assert!(
-            (got - want).abs() <= 1e-6 * want,
-            "sum_squares {got} vs {want}"
-        );
+fn every_kernel_is_launched() {
+    const ME: &str = "every_kernel_is_launched";
+    if backends(ME).is_empty() {
+        return;
     }
+    let log = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("emu-launches-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--skip", ME, "--quiet"])
+        .env("RLHF_EMU_LAUNCH_LOG", &log)
+        .output()
+        .expect("running the other tests of this file");
+    assert!(
+        out.status.success(),
+        "the other tests failed under RLHF_EMU_LAUNCH_LOG:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let launched = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    let launched: std::collections::BTreeSet<&str> = launched.lines().collect();
+    let missing: Vec<String> = rlhf_kernels::cuda::kernel_names()
+        .into_iter()
+        .filter(|n| !launched.contains(n.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "kernels no test of emu_backend.rs launches: {missing:?}"
+    );
 }

@@ -17,6 +17,9 @@
 //! `RLHF_EMU_PATCH` work as in the kernel tests (kernels/emu/harness.rs):
 //! the block order and thread schedules, and edits of the emulated program
 //! (the PTX NVRTC compiles is not patched, and is ignored anyway).
+//! `RLHF_EMU_LAUNCH_LOG=<file>` makes the fake driver append the name of
+//! every kernel it launches to that file, one a line (kernels/tests/
+//! emu_backend.rs checks with it that every kernel is launched).
 //!
 //! Test support only (hidden from the docs).
 

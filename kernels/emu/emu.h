@@ -1,7 +1,7 @@
 // A CPU emulator for the CUDA subset the kernels of kernels/src/cuda/ use, so
 // that EVERY kernel of the real program (the concatenated source NVRTC
 // compiles, compile.rs) runs on a machine without a GPU: the fake CUDA
-// libraries in fake/ run the real backend on it (kernels/tests/emu_backend.rs
+// libraries in fake/ run the real backend on it (kernels/tests/cuda_backend.rs
 // compares every op with the CPU backend), and kernels/tests/emu_kernels.rs
 // tests the emulator itself through direct launches. Pieces: this header (what kernel
 // code sees), include/ (shims for <cuda_fp16.h>, <cuda_bf16.h>, <mma.h> and

@@ -7,7 +7,7 @@
 //! passes.
 //!
 //! The kernels of the program are tested through the REAL CUDA backend on
-//! the same emulator in emu_backend.rs (fake libcuda/libcublas), which also
+//! the same emulator in cuda_backend.rs (fake libcuda/libcublas), which also
 //! checks that every kernel is launched.
 
 #[path = "../emu/harness.rs"]

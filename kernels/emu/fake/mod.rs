@@ -19,7 +19,7 @@
 //! (the PTX NVRTC compiles is not patched, and is ignored anyway).
 //! `RLHF_EMU_LAUNCH_LOG=<file>` makes the fake driver append the name of
 //! every kernel it launches to that file, one a line (kernels/tests/
-//! emu_backend.rs checks with it that every kernel is launched).
+//! cuda_backend.rs checks with it that every kernel is launched).
 //!
 //! Test support only (hidden from the docs).
 

@@ -1,22 +1,26 @@
 //! EVERY op of the REAL CUDA backend (`rlhf_kernels::cuda::Cuda`: cudarc,
-//! every launcher of kernels/src/cuda/*.rs, memory.rs, gemm.rs) on the CPU
-//! emulator, through fake `libcuda.so.1` / `libcublas.so.13` (kernels/emu/fake/,
-//! `rlhf_kernels::emu`), against the CPU backend, for f32, bf16 and fp16
-//! compute — in plain `cargo test`, no GPU. NVRTC is real (`eval
-//! "$(scripts/fetch-nvrtc.sh)"`); without it, or without a C++ compiler, every
-//! test prints SKIPPED and passes (with RLHF_REQUIRE_NVRTC set, a missing NVRTC
-//! fails). `every_kernel_is_launched` checks that the suite launches every
-//! kernel of the program. The emulator's own tests are in emu_kernels.rs.
+//! every launcher of kernels/src/cuda/*.rs, memory.rs, gemm.rs) against the
+//! CPU backend, for f32, bf16 and fp16 compute. One suite, two devices:
+//! - in plain `cargo test` (no GPU), the CPU emulator of the kernels through
+//!   fake `libcuda.so.1` / `libcublas.so.13` (kernels/emu/fake/,
+//!   `rlhf_kernels::emu`). NVRTC is real (`eval "$(scripts/fetch-nvrtc.sh)"`);
+//!   without it, or without a C++ compiler, every test prints SKIPPED and
+//!   passes (with RLHF_REQUIRE_NVRTC set, a missing NVRTC fails);
+//! - with RLHF_REQUIRE_GPU=1 (scripts/gpu-check.sh), the real GPU 0 and real
+//!   cuBLAS; an unusable GPU is then a failure.
+//!
+//! `every_kernel_is_launched` checks (on the emulator) that the suite launches
+//! every kernel of the program. The emulator's own tests are in emu_kernels.rs.
 //!
 //! The CPU sees inputs rounded to the storage type; outputs start as NaN (an
 //! element left unwritten fails), gradients start random (checks the +=).
 //! Relative L2 error ≤ 1e-5 (f32), 1e-2 (bf16), 5e-3 (fp16); dropout masks
 //! must match exactly. Ops with block- or warp-level cooperation are run a
-//! second time — every launch of the fake driver gets another block order and
-//! thread schedule — and must give the same bits. Shapes are small: the
-//! emulator runs one fiber per CUDA thread. Its own test binary: the fake
-//! libraries are opened once per process. RLHF_EMU_SEED and RLHF_EMU_PATCH
-//! work as described in kernels/emu/harness.rs.
+//! second time and must give the same bits (on the emulator every launch gets
+//! another block order and thread schedule). Shapes are small: the emulator
+//! runs one fiber per CUDA thread. Its own test binary: the CUDA libraries are
+//! opened once per process. RLHF_EMU_SEED and RLHF_EMU_PATCH work as described
+//! in kernels/emu/harness.rs.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -31,10 +35,17 @@ const C: Precision = Precision::Compute;
 const F: Precision = Precision::F32;
 const F32: Dtype = Dtype::F32;
 
-/// One emulated backend per compute dtype, or none (SKIPPED).
+/// Whether this run is on a real GPU (RLHF_REQUIRE_GPU set) rather than the emulator.
+fn on_gpu() -> bool {
+    std::env::var_os("RLHF_REQUIRE_GPU").is_some()
+}
+
+/// One backend per compute dtype — on the real GPU or the emulated device —
+/// or none (SKIPPED).
 fn backends(test: &str) -> Vec<(Cuda, f64)> {
     static ALL: OnceLock<Vec<(Cuda, f64)>> = OnceLock::new();
-    if !rlhf_kernels::emu::use_fake_cuda(test, Path::new(env!("CARGO_TARGET_TMPDIR"))) {
+    if !on_gpu() && !rlhf_kernels::emu::use_fake_cuda(test, Path::new(env!("CARGO_TARGET_TMPDIR")))
+    {
         return Vec::new();
     }
     ALL.get_or_init(|| {
@@ -169,6 +180,11 @@ fn assert_rel(what: &str, cu: &Cuda, got: &[f32], want: &[f32], tol: f64) {
         den += (w as f64).powi(2);
     }
     let e = num.sqrt() / den.sqrt().max(1e-30);
+    // scripts/gpu-check.sh collects these lines into its report.
+    eprintln!(
+        "{what} [{}]: rel err {e:.2e} (tol {tol:.0e})",
+        cu.dtype().name()
+    );
     assert!(
         e <= tol,
         "{what} [{}]: rel err {e:.3e} > {tol:.0e}",
@@ -176,7 +192,7 @@ fn assert_rel(what: &str, cu: &Cuda, got: &[f32], want: &[f32], tol: f64) {
     );
 }
 
-/// Runs `f` twice — the fake driver gives every launch another block order
+/// Runs `f` twice — on the emulator every launch gets another block order
 /// and thread schedule — and requires the same bits.
 #[track_caller]
 fn deterministic(what: &str, f: impl Fn() -> Vec<Vec<f32>>) -> Vec<Vec<f32>> {
@@ -194,10 +210,12 @@ fn deterministic(what: &str, f: impl Fn() -> Vec<Vec<f32>>) -> Vec<Vec<f32>> {
 // ---- the device itself --------------------------------------------------------
 
 #[test]
-fn fake_device_opens_and_round_trips() {
-    for (cu, _) in backends("fake_device_opens_and_round_trips") {
-        assert_eq!(cu.device_name(), "emulated");
-        assert_eq!(cu.arch(), "sm_90");
+fn device_opens_and_round_trips() {
+    for (cu, _) in backends("device_opens_and_round_trips") {
+        if !on_gpu() {
+            assert_eq!(cu.device_name(), "emulated");
+            assert_eq!(cu.arch(), "sm_90");
+        }
         let (free, total) = cu.mem_info().unwrap();
         assert!(free <= total && total > 0);
         let x: Vec<f32> = (0..37).map(|i| i as f32 * 0.25 - 3.0).collect();
@@ -222,7 +240,7 @@ fn fake_device_opens_and_round_trips() {
     }
 }
 
-// ---- GEMM (fake cuBLAS through gemm.rs) ----------------------------------------------
+// ---- GEMM (cuBLAS, or the fake one, through gemm.rs) ----------------------------------------------
 
 #[test]
 fn gemm_matches_cpu_for_every_layout_and_precision() {
@@ -861,7 +879,7 @@ fn adamw_matches_cpu() {
 // ---- attention ----------------------------------------------------------------------------------------
 
 /// Sample 0 left-padded (its first rows see no key), the last one
-/// right-padded, holes in between (as tests/cuda_attention.rs).
+/// right-padded, holes in between.
 fn padding_mask(s: AttnShape) -> Vec<u8> {
     let t = s.t;
     let mut m = vec![1u8; s.b * t];
@@ -1668,7 +1686,9 @@ fn lora_linear_matches_cpu() {
 #[test]
 fn every_kernel_is_launched() {
     const ME: &str = "every_kernel_is_launched";
-    if backends(ME).is_empty() {
+    // The launch log is the fake driver's: this is a property of the suite,
+    // checked on the emulator.
+    if on_gpu() || backends(ME).is_empty() {
         return;
     }
     let log = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -1694,6 +1714,6 @@ fn every_kernel_is_launched() {
         .collect();
     assert!(
         missing.is_empty(),
-        "kernels no test of emu_backend.rs launches: {missing:?}"
+        "kernels no test of cuda_backend.rs launches: {missing:?}"
     );
 }

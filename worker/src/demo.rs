@@ -342,7 +342,7 @@ impl DemoDomain {
 
     /// Every fact as a question, its full answer, a short checkable answer and
     /// a plausible wrong answer.
-    fn fact_questions(&self) -> Vec<FactQuestion> {
+    pub fn fact_questions(&self) -> Vec<FactQuestion> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed.wrapping_add(0x5eed_0f0a));
         let mut out = Vec::new();
         for (i, d) in self.diseases.iter().enumerate() {
@@ -485,6 +485,69 @@ impl DemoDomain {
             .collect()
     }
 
+    /// The fact questions split into (train, held out): a seeded fifth of the
+    /// questions is held out. Held-out questions ask about facts the PT corpus
+    /// states, but neither SFT nor RM training ever sees them as questions, so
+    /// answering them measures what the pipeline taught, not memorised QA.
+    pub fn qa_split(&self) -> (Vec<FactQuestion>, Vec<FactQuestion>) {
+        let mut all = self.fact_questions();
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x0a11_5911_7000);
+        all.shuffle(&mut rng);
+        let n_heldout = all.len() / 5;
+        let train = all.split_off(n_heldout);
+        (train, all)
+    }
+
+    /// SFT and reward data of the QA split, in MedicalGPT's formats:
+    /// `sft/{train,valid}/qa.jsonl` (ShareGPT `conversations`),
+    /// `reward/{train,valid}/pairs.jsonl` (HEAD: `conversations` ending with the
+    /// question, `chosen` = the right answer, `rejected` = the plausible wrong one),
+    /// and `heldout_qa.jsonl` (the held-out questions with their short answers).
+    /// The `valid` files hold the held-out questions.
+    pub fn write_qa_datasets(&self, out_dir: &Path) -> Result<QaDatasets> {
+        use serde_json::json;
+        let (train, heldout) = self.qa_split();
+        let sft_line = |f: &FactQuestion| {
+            json!({"conversations": [
+                {"from": "human", "value": f.question},
+                {"from": "gpt", "value": f.answer},
+            ]})
+            .to_string()
+        };
+        let rm_line = |f: &FactQuestion| {
+            json!({
+                "conversations": [{"from": "human", "value": f.question}],
+                "chosen": f.answer,
+                "rejected": f.wrong,
+            })
+            .to_string()
+        };
+        let lines = |items: &[FactQuestion], f: &dyn Fn(&FactQuestion) -> String| {
+            items.iter().map(|x| f(x) + "\n").collect::<String>()
+        };
+        let out = QaDatasets {
+            sft: out_dir.join("sft"),
+            reward: out_dir.join("reward"),
+            heldout: out_dir.join("heldout_qa.jsonl"),
+        };
+        for (split, items) in [("train", &train), ("valid", &heldout)] {
+            write_atomic(
+                &out.sft.join(split).join("qa.jsonl"),
+                lines(items, &sft_line).as_bytes(),
+            )?;
+            write_atomic(
+                &out.reward.join(split).join("pairs.jsonl"),
+                lines(items, &rm_line).as_bytes(),
+            )?;
+        }
+        let heldout_lines = lines(&heldout, &|f| {
+            json!({"question": f.question, "answer": f.answer, "short": f.short, "wrong": f.wrong})
+                .to_string()
+        });
+        write_atomic(&out.heldout, heldout_lines.as_bytes())?;
+        Ok(out)
+    }
+
     /// Write a PT dataset: `out_dir/train/corpus.txt` and
     /// `out_dir/valid/corpus.txt`, one document per line. Validation documents
     /// state the same facts in other sentence combinations and are never
@@ -534,11 +597,41 @@ fn class_plural(class: &str) -> String {
     }
 }
 
-struct FactQuestion {
-    question: String,
-    answer: String,
-    short: String,
-    wrong: String,
+/// One fact as a question: its full answer, the short checkable answer a
+/// correct completion must contain, and a plausible wrong answer of the same shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FactQuestion {
+    pub question: String,
+    pub answer: String,
+    pub short: String,
+    pub wrong: String,
+}
+
+impl FactQuestion {
+    /// Whether `text` states this question's short answer (whole-word, case
+    /// insensitive: " 50 mg" does not match inside " 250 mg").
+    pub fn is_answered_by(&self, text: &str) -> bool {
+        let text = format!(" {}", text.to_lowercase());
+        let short = format!(" {}", self.short.to_lowercase());
+        text.match_indices(&short).any(|(i, m)| {
+            // The match must end at a word boundary too ("14 days" vs "14 daysx").
+            text[i + m.len()..]
+                .chars()
+                .next()
+                .is_none_or(|c| !c.is_alphanumeric())
+        })
+    }
+}
+
+/// Where [`DemoDomain::write_qa_datasets`] put things.
+#[derive(Clone, Debug)]
+pub struct QaDatasets {
+    /// ShareGPT jsonl: `train/qa.jsonl`, `valid/qa.jsonl`.
+    pub sft: std::path::PathBuf,
+    /// MedicalGPT HEAD reward jsonl (conversations + chosen/rejected): `train/`, `valid/`.
+    pub reward: std::path::PathBuf,
+    /// Held-out questions with their short answers (`{"question","answer","short","wrong"}` per line).
+    pub heldout: std::path::PathBuf,
 }
 
 #[cfg(test)]
@@ -661,6 +754,77 @@ mod tests {
     }
 
     #[test]
+    fn qa_split_holds_out_a_fifth_and_writes_medicalgpt_formats() {
+        let dom = DemoDomain::new(5);
+        let (train, heldout) = dom.qa_split();
+        assert_eq!(heldout.len(), (N_DISEASES * 6 + N_DRUGS) / 5);
+        assert_eq!(train.len() + heldout.len(), N_DISEASES * 6 + N_DRUGS);
+        let train_q: HashSet<&str> = train.iter().map(|f| f.question.as_str()).collect();
+        assert!(heldout
+            .iter()
+            .all(|f| !train_q.contains(f.question.as_str())));
+        // Every kind of question is held out somewhere.
+        for kind in [
+            "dose",
+            "drug is used",
+            "symptoms",
+            "organ",
+            "causes",
+            "course",
+            "contraindicated",
+        ] {
+            assert!(heldout.iter().any(|f| f.question.contains(kind)), "{kind}");
+        }
+        for f in heldout.iter().chain(&train) {
+            assert!(f.is_answered_by(&f.answer), "{f:?}");
+            assert!(!f.is_answered_by(&f.wrong), "{f:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = dom.write_qa_datasets(dir.path()).unwrap();
+        let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap();
+        let sft: Vec<serde_json::Value> = read(out.sft.join("valid/qa.jsonl"))
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(sft.len(), heldout.len());
+        assert_eq!(sft[0]["conversations"][0]["from"], "human");
+        assert_eq!(
+            sft[0]["conversations"][0]["value"],
+            heldout[0].question.as_str()
+        );
+        assert_eq!(sft[0]["conversations"][1]["from"], "gpt");
+        assert_eq!(
+            sft[0]["conversations"][1]["value"],
+            heldout[0].answer.as_str()
+        );
+        let rm: serde_json::Value = serde_json::from_str(
+            read(out.reward.join("train/pairs.jsonl"))
+                .lines()
+                .next()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(rm["chosen"], train[0].answer.as_str());
+        assert_eq!(rm["rejected"], train[0].wrong.as_str());
+        assert_eq!(read(out.heldout).lines().count(), heldout.len());
+    }
+
+    #[test]
+    fn answer_check_is_whole_word() {
+        let f = FactQuestion {
+            question: "q".into(),
+            answer: "50 mg once a day.".into(),
+            short: "50 mg once a day".into(),
+            wrong: "250 mg once a day.".into(),
+        };
+        assert!(f.is_answered_by("It is 50 mg once a day."));
+        assert!(f.is_answered_by("50 MG ONCE A DAY"));
+        assert!(!f.is_answered_by("250 mg once a day."));
+        assert!(!f.is_answered_by("50 mg once a days"));
+        assert!(!f.is_answered_by(""));
+    }
+
+    #[test]
     fn held_out_docs_are_not_in_train() {
         let dom = DemoDomain::new(3);
         let dir = tempfile::tempdir().unwrap();
@@ -684,12 +848,14 @@ mod tests {
 /// pipeline's `demo` stage.
 pub fn write_demo_assets(dir: &Path, seed: u64, train_docs: usize) -> Result<DemoAssets> {
     use crate::init_model::{init_model, InitModelArgs};
+    let domain = DemoDomain::new(seed);
     let assets = DemoAssets {
         data: dir.join("data"),
         base_model: dir.join("base-model"),
+        qa: domain.write_qa_datasets(&dir.join("data"))?,
     };
     tracing::info!(dir = %assets.data.display(), "writing the demo corpus");
-    DemoDomain::new(seed).write_pt_dataset(&assets.data, train_docs, train_docs / 10)?;
+    domain.write_pt_dataset(&assets.data, train_docs, train_docs / 10)?;
     let model_args = InitModelArgs {
         vocab_size: 2048,
         hidden_size: 128,
@@ -713,7 +879,9 @@ pub fn write_demo_assets(dir: &Path, seed: u64, train_docs: usize) -> Result<Dem
 /// Where [`write_demo_assets`] put things.
 #[derive(Clone, Debug)]
 pub struct DemoAssets {
-    /// `train/` and `valid/` text dirs.
+    /// `train/` and `valid/` text dirs (PT), and the QA data below.
     pub data: std::path::PathBuf,
     pub base_model: std::path::PathBuf,
+    /// SFT / reward / held-out QA files (under `data/`).
+    pub qa: QaDatasets,
 }

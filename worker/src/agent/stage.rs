@@ -10,6 +10,7 @@ use crate::collective::server::CollectiveServer;
 use crate::collective::{Collective, Single, ViaHost};
 use crate::stages::args::Device;
 use crate::stages::pt::PtArgs;
+use crate::stages::DistStage;
 use crate::train::TrainHooks;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser};
@@ -23,8 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The arguments of each stage kind that are paths (resolved under the root).
-const PT_PATH_FLAGS: &[&str] = &[
+/// The arguments of the training stages that are paths (resolved under the root).
+const PATH_FLAGS: &[&str] = &[
     "model_name_or_path",
     "tokenizer_name_or_path",
     "train_file_dir",
@@ -125,12 +126,15 @@ pub(crate) async fn run_assignment(
 
 /// The device a stage asks for (its `--device`) and the CUDA compute type.
 fn stage_device(ctx: &StageContext, a: &pb::StageAssignment) -> Result<(Device, Dtype)> {
-    if a.stage_kind != "pt" {
-        return Ok((Device::Cpu, Dtype::F32));
+    fn of<S: DistStage>(ctx: &StageContext, a: &pb::StageAssignment) -> Result<(Device, Dtype)> {
+        let argv = resolve_args(&ctx.root, &a.args, PATH_FLAGS)?;
+        let t = parse_stage_args::<S>(S::KIND, &argv)?;
+        Ok((t.training().device, t.training().cuda_dtype()?))
     }
-    let argv = resolve_args(&ctx.root, &a.args, PT_PATH_FLAGS)?;
-    let args = parse_stage_args::<PtArgs>("pt", &argv)?;
-    Ok((args.training.device, args.training.cuda_dtype()?))
+    match a.stage_kind.as_str() {
+        PtArgs::KIND => of::<PtArgs>(ctx, a),
+        _ => Ok((Device::Cpu, Dtype::F32)),
+    }
 }
 
 /// Wait at the coordinator's barrier, giving up if the stage is aborted.
@@ -165,7 +169,7 @@ fn run_stage_blocking<B: Backend>(
     be: B,
     ctx: StageContext,
     a: pb::StageAssignment,
-    mut collective: Box<dyn Collective<B>>,
+    collective: Box<dyn Collective<B>>,
 ) -> Result<serde_json::Value> {
     let rank = collective.rank();
     match a.stage_kind.as_str() {
@@ -181,52 +185,60 @@ fn run_stage_blocking<B: Backend>(
                 Ok(serde_json::Value::Null)
             }
         }
-        "pt" => {
-            let mut argv = a.args.clone();
-            if !a.resume_checkpoint.is_empty() {
-                argv.push("--resume_from_checkpoint".into());
-                argv.push(a.resume_checkpoint.clone());
-            }
-            let argv = resolve_args(&ctx.root, &argv, PT_PATH_FLAGS)?;
-            let args = parse_stage_args::<PtArgs>("pt", &argv)?;
-            let resumed = drop_abandoned_checkpoints(rank, &args, &a.resume_checkpoint)?;
-            let global_batch = (a.global_batch_size > 0).then_some(a.global_batch_size as usize);
-            let mut hooks = StageHooks {
-                client: ctx.client.clone(),
-                runtime: ctx.runtime.clone(),
-                worker_id: ctx.worker_id.clone(),
-                generation: a.generation,
-                root: ctx.root.clone(),
-                abort: ctx.abort.clone(),
-                reported: resumed.into_iter().collect(),
-                step_delay: ctx.step_delay,
-            };
-            let r = crate::stages::pt::run_dist(
-                be,
-                &args,
-                collective.as_mut(),
-                global_batch,
-                &mut hooks,
-            )?;
-            collective.finish()?;
-            if !r.summary.finished {
-                bail!("the stage stopped before its last step");
-            }
-            Ok(r.results)
-        }
+        PtArgs::KIND => run_training_stage::<PtArgs, B>(be, &ctx, &a, collective),
         other => bail!("this worker does not know stage kind {other:?}"),
     }
+}
+
+/// One rank of a training stage: resume where the coordinator says, report
+/// logs and checkpoints through the hooks.
+fn run_training_stage<S: DistStage, B: Backend>(
+    be: B,
+    ctx: &StageContext,
+    a: &pb::StageAssignment,
+    mut collective: Box<dyn Collective<B>>,
+) -> Result<serde_json::Value> {
+    let rank = collective.rank();
+    let mut argv = a.args.clone();
+    if !a.resume_checkpoint.is_empty() {
+        argv.push("--resume_from_checkpoint".into());
+        argv.push(a.resume_checkpoint.clone());
+    }
+    let argv = resolve_args(&ctx.root, &argv, PATH_FLAGS)?;
+    let args = parse_stage_args::<S>(S::KIND, &argv)?;
+    let resumed = drop_abandoned_checkpoints(rank, args.training(), &a.resume_checkpoint)?;
+    let global_batch = (a.global_batch_size > 0).then_some(a.global_batch_size as usize);
+    let mut hooks = StageHooks {
+        client: ctx.client.clone(),
+        runtime: ctx.runtime.clone(),
+        worker_id: ctx.worker_id.clone(),
+        generation: a.generation,
+        root: ctx.root.clone(),
+        abort: ctx.abort.clone(),
+        reported: resumed.into_iter().collect(),
+        step_delay: ctx.step_delay,
+    };
+    let (finished, results) = args.run_rank(be, collective.as_mut(), global_batch, &mut hooks)?;
+    collective.finish()?;
+    if !finished {
+        bail!("the stage stopped before its last step");
+    }
+    Ok(results)
 }
 
 /// A new generation resumes from the committed checkpoint: checkpoints after
 /// it were written by an abandoned placement; rank 0 deletes them so that
 /// save_total_limit never keeps them over the committed one. Returns the
 /// resumed step.
-fn drop_abandoned_checkpoints(rank: usize, args: &PtArgs, resume: &str) -> Result<Option<u64>> {
-    let (false, Some(arg)) = (resume.is_empty(), &args.training.resume_from_checkpoint) else {
+fn drop_abandoned_checkpoints(
+    rank: usize,
+    training: &crate::stages::args::TrainingArgs,
+    resume: &str,
+) -> Result<Option<u64>> {
+    let (false, Some(arg)) = (resume.is_empty(), &training.resume_from_checkpoint) else {
         return Ok(None);
     };
-    let out = &args.training.output_dir;
+    let out = &training.output_dir;
     let dir = crate::train::checkpoint::resolve(arg, out)?;
     let state = crate::train::checkpoint::load_state(&dir)?;
     if rank == 0 {

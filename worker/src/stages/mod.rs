@@ -6,12 +6,48 @@ pub mod args;
 pub mod eval;
 pub mod pt;
 
+use crate::collective::Collective;
 use crate::model::params::TrainMode;
 use crate::model::weights::TensorFiles;
 use crate::model::Llama;
+use crate::train::TrainHooks;
 use anyhow::{Context, Result};
 use rlhf_kernels::Backend;
 use std::path::Path;
+
+/// A training stage as the worker agent runs it: one rank of a data-parallel
+/// stage, its arguments parsed by the same clap definition as its subcommand.
+pub trait DistStage: clap::Args + Sized {
+    /// The subcommand and pipeline stage kind (`"pt"`).
+    const KIND: &'static str;
+    fn training(&self) -> &args::TrainingArgs;
+    /// Run as one rank. Returns whether the stage ran to its last step, and
+    /// its results (all_results.json; null on ranks other than 0).
+    fn run_rank<B: Backend>(
+        &self,
+        be: B,
+        collective: &mut dyn Collective<B>,
+        global_batch: Option<usize>,
+        hooks: &mut dyn TrainHooks,
+    ) -> Result<(bool, serde_json::Value)>;
+}
+
+impl DistStage for pt::PtArgs {
+    const KIND: &'static str = "pt";
+    fn training(&self) -> &args::TrainingArgs {
+        &self.training
+    }
+    fn run_rank<B: Backend>(
+        &self,
+        be: B,
+        collective: &mut dyn Collective<B>,
+        global_batch: Option<usize>,
+        hooks: &mut dyn TrainHooks,
+    ) -> Result<(bool, serde_json::Value)> {
+        let r = pt::run_dist(be, self, collective, global_batch, hooks)?;
+        Ok((r.summary.finished, r.results))
+    }
+}
 
 /// Set a model's trainable weights from a checkpoint/output dir written by
 /// [`save_weights`].

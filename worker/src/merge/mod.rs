@@ -122,11 +122,12 @@ pub fn run(args: &MergeArgs) -> Result<MergeSummary> {
 
     let staging = Staging::new(&args.output_dir)?;
     let planned: Vec<PlannedTensor> = plan.iter().map(|(t, _)| t.clone()).collect();
+    let source_of: std::collections::HashMap<&str, &Source> =
+        plan.iter().map(|(t, s)| (t.name.as_str(), s)).collect();
     let mut done = 0usize;
     let written = write_model_weights(staging.path(), &planned, max_shard_size, &mut |t| {
-        let (_, source) = plan
-            .iter()
-            .find(|(p, _)| p.name == t.name)
+        let source = *source_of
+            .get(t.name.as_str())
             .context("tensor not in the merge plan")?;
         let bytes = produce(t, source, &base, &adapter, scaling as f32)?;
         done += 1;

@@ -158,6 +158,7 @@ fn adapter_saved_by_rlhf_has_peft_format_and_peft_logits() {
     let exp = TensorFiles::open_files(&[merge_dir.join("expected_interop.safetensors")]).unwrap();
     let logits = ours.forward(&batch(), true).unwrap().1.unwrap();
     let e = rel_err(&logits, &read(&exp, "logits"));
+    eprintln!("our logits vs PEFT's on our adapter: rel err {e:e}");
     assert!(
         e < 1e-4,
         "our logits vs PEFT's on our adapter: rel err {e:e}"

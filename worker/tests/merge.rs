@@ -75,6 +75,7 @@ fn args(base: &Path, adapter: &Path, out: &Path) -> MergeArgs {
         tokenizer_path: None,
         max_shard_size: "10GB".into(),
         torch_dtype: "auto".into(),
+        resize_emb: false,
     }
 }
 
@@ -608,4 +609,79 @@ fn a_failure_while_writing_leaves_no_output_dir() {
     let mut a = args(&gqa("model"), &adapter, &out);
     a.max_shard_size = "20KB".into();
     assert_fails(&a, &["lm_head.weight", "I32"]);
+}
+
+/// An adapter that saves `embed_tokens` and/or `lm_head` with `vocab` rows
+/// (a vocabulary extended from 96), plus llama_gqa/adapter's LoRA tensors.
+fn adapter_with_vocab(dir: &Path, vocab: usize, which: &[&str]) -> PathBuf {
+    let d = dir.join(format!("adapter_vocab_{}", which.len()));
+    copy_dir(&gqa("adapter"), &d);
+    let lora = TensorFiles::open_files(&[gqa("adapter/adapter_model.safetensors")]).unwrap();
+    let mut tensors: Vec<_> = lora
+        .names()
+        .map(|n| (n.to_string(), lora.shape(n).unwrap(), read(&lora, n)))
+        .collect();
+    for m in which {
+        let prefix = if *m == "lm_head" { "" } else { "model." };
+        let v: Vec<f32> = (0..vocab * 32)
+            .map(|i| ((i % 13) as f32 - 6.0) / 16.0)
+            .collect();
+        tensors.push((
+            format!("base_model.model.{prefix}{m}.weight"),
+            vec![vocab, 32],
+            v,
+        ));
+    }
+    rlhf_worker::model::weights::save_tensors(
+        &d.join("adapter_model.safetensors"),
+        &tensors,
+        rlhf_worker::model::weights::SaveDtype::F32,
+        None,
+    )
+    .unwrap();
+    d
+}
+
+#[test]
+fn resize_emb_takes_an_extended_vocabulary_from_the_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = adapter_with_vocab(tmp.path(), 100, &["embed_tokens", "lm_head"]);
+    let out = tmp.path().join("m");
+    // Without the flag: refused, with the hint.
+    let e = assert_fails(
+        &args(&gqa("model"), &adapter, &out),
+        &["[100, 32]", "[96, 32]", "--resize_emb"],
+    );
+    assert!(e.contains("shape mismatch"), "{e}");
+    let mut a = args(&gqa("model"), &adapter, &out);
+    a.resize_emb = true;
+    let s = run(&a).unwrap();
+    assert_eq!(s.vocab_size, Some(100));
+    assert_eq!(json(&out.join("config.json"))["vocab_size"], 100);
+    let ours = TensorFiles::open_model_dir(&out).unwrap();
+    let saved = TensorFiles::open_files(&[adapter.join("adapter_model.safetensors")]).unwrap();
+    for (name, key) in [
+        (
+            "model.embed_tokens.weight",
+            "base_model.model.model.embed_tokens.weight",
+        ),
+        ("lm_head.weight", "base_model.model.lm_head.weight"),
+    ] {
+        assert_eq!(read(&ours, name), read(&saved, key), "{name}");
+    }
+    // Our loader reads it as a 100-token model.
+    let m = load_model(Cpu, &out, TrainMode::Full, 0).unwrap();
+    assert_eq!(m.cfg.vocab_size, 100);
+    // Only one of the two saved: the other would need invented rows.
+    let half = adapter_with_vocab(tmp.path(), 100, &["embed_tokens"]);
+    let mut a = args(&gqa("model"), &half, &tmp.path().join("m2"));
+    a.resize_emb = true;
+    assert_fails(
+        &a,
+        &[
+            "--resize_emb",
+            "lm_head.weight",
+            "both embed_tokens and lm_head",
+        ],
+    );
 }

@@ -107,11 +107,15 @@ pub fn merged_config(
     path: &Path,
     new_dtype: Option<&str>,
     seq_cls_labels: Option<usize>,
+    vocab_size: Option<usize>,
 ) -> Result<Value> {
     let mut cfg = base_config.clone();
     let Some(obj) = cfg.as_object_mut() else {
         bail!("{}: expected a JSON object", path.display());
     };
+    if let Some(v) = vocab_size {
+        obj.insert("vocab_size".into(), json!(v));
+    }
     if let Some(dt) = new_dtype {
         let mut set = false;
         for key in ["dtype", "torch_dtype"] {

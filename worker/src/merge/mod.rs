@@ -43,6 +43,10 @@ pub struct MergeArgs {
     /// auto keeps each base tensor's dtype; float32, bfloat16 or float16 converts every float tensor.
     #[arg(long = "torch_dtype", default_value = "auto")]
     pub torch_dtype: String,
+    /// The adapter saved embed_tokens and lm_head with a larger vocabulary
+    /// (MedicalGPT's vocabulary extension): take them and the new vocab_size.
+    #[arg(long = "resize_emb", default_value = "false", value_parser = crate::stages::args::parse_bool, num_args = 0..=1, default_missing_value = "true")]
+    pub resize_emb: bool,
 }
 
 /// What a merge wrote (printed as JSON by the CLI).
@@ -67,6 +71,8 @@ pub struct MergeSummary {
     pub copied: Vec<String>,
     pub tokenizer_from: Option<PathBuf>,
     pub torch_dtype: String,
+    /// The new vocab_size with --resize_emb, when it changed.
+    pub vocab_size: Option<usize>,
 }
 
 /// Where an output tensor's values come from.
@@ -101,7 +107,8 @@ pub fn run(args: &MergeArgs) -> Result<MergeSummary> {
 
     let adapter = Adapter::open(&args.peft_path)?;
     let base = TensorFiles::open_model_dir(base_dir)?;
-    let (plan, summary_parts) = plan_tensors(&adapter, &base, base_dir, out_dtype)?;
+    let (plan, summary_parts) =
+        plan_tensors(&adapter, &base, base_dir, out_dtype, args.resize_emb)?;
     let tok_dir = files::tokenizer_source(args.tokenizer_path.as_deref(), &adapter.dir, base_dir)?;
     if tok_dir.is_none() {
         tracing::warn!(
@@ -143,6 +150,7 @@ pub fn run(args: &MergeArgs) -> Result<MergeSummary> {
         &config_path,
         out_dtype.map(SaveDtype::torch_name),
         seq_cls_labels,
+        summary_parts.vocab_size,
     )?;
     crate::fsutil::write_json_atomic(&staging.path().join("config.json"), &config)?;
     let copied = files::copy_side_files(base_dir, tok_dir.as_deref(), staging.path())?;
@@ -166,6 +174,7 @@ pub fn run(args: &MergeArgs) -> Result<MergeSummary> {
         copied,
         tokenizer_from: tok_dir,
         torch_dtype: out_dtype.map_or("auto".into(), |d| d.torch_name().into()),
+        vocab_size: summary_parts.vocab_size,
     })
 }
 
@@ -197,7 +206,11 @@ struct PlanSummary {
     added: Vec<String>,
     dropped: Vec<String>,
     num_labels: Option<usize>,
+    vocab_size: Option<usize>,
 }
+
+/// The tensors whose first dimension is the vocabulary.
+const VOCAB_TENSORS: [&str; 2] = ["model.embed_tokens.weight", "lm_head.weight"];
 
 /// Every output tensor with its dtype and source, in transformers' save order;
 /// checks the adapter against the base first, so nothing is written for a
@@ -207,6 +220,7 @@ fn plan_tensors(
     base: &TensorFiles,
     base_dir: &Path,
     out_dtype: Option<SaveDtype>,
+    resize_emb: bool,
 ) -> Result<(Vec<(PlannedTensor, Source)>, PlanSummary)> {
     let wp = adapter.weights_path.display();
     let mismatch_hint = "is --model_name_or_path the model this adapter was trained on?";
@@ -256,14 +270,29 @@ fn plan_tensors(
             summary.dropped.push(name.to_string());
             continue;
         }
-        let (dtype, shape) = base.info(name).context("index out of sync")?;
+        let (dtype, mut shape) = base.info(name).context("index out of sync")?;
         let source = if let Some(pair) = adapter.lora.get(name) {
             Source::Lora(pair.clone())
         } else if let Some(key) = adapter.replace.get(name) {
             let theirs = adapter.files.shape(key).unwrap_or_default();
-            if theirs != shape {
+            let vocab_only = VOCAB_TENSORS.contains(&name)
+                && theirs.len() == 2
+                && shape.len() == 2
+                && theirs[1] == shape[1];
+            if theirs != shape && vocab_only && resize_emb {
+                if summary.vocab_size.is_some_and(|v| v != theirs[0]) {
+                    bail!("{wp}: embed_tokens and lm_head have different vocabulary sizes");
+                }
+                summary.vocab_size = Some(theirs[0]);
+                shape = theirs;
+            } else if theirs != shape {
+                let hint = if vocab_only {
+                    "the vocabulary was extended: pass --resize_emb to take the adapter's embed_tokens and lm_head"
+                } else {
+                    mismatch_hint
+                };
                 bail!(
-                    "shape mismatch: {wp} saves {key:?} as {theirs:?}, but the base's {name:?} is {shape:?} ({mismatch_hint})"
+                    "shape mismatch: {wp} saves {key:?} as {theirs:?}, but the base's {name:?} is {shape:?} ({hint})"
                 );
             }
             summary.replaced.push(name.to_string());
@@ -304,6 +333,20 @@ fn plan_tensors(
             },
             Source::Adapter(key.clone()),
         ));
+    }
+    if let Some(v) = summary.vocab_size {
+        // Every vocabulary-sized tensor must come from the adapter at the new size:
+        // transformers would fill missing rows at random.
+        for (t, _) in &out {
+            if VOCAB_TENSORS.contains(&t.name.as_str()) && t.shape[0] != v {
+                bail!(
+                    "--resize_emb: {wp} saves a {v}-token vocabulary but not {:?} (it has {} rows in the base); \
+                     the adapter must save both embed_tokens and lm_head (modules_to_save)",
+                    t.name,
+                    t.shape[0]
+                );
+            }
+        }
     }
     out.sort_by(|(a, _), (b, _)| order::save_order(&a.name, &b.name));
     Ok((out, summary))

@@ -30,6 +30,8 @@ enum Command {
     Pt(stages::pt::PtArgs),
     /// Loss and perplexity of a model (+ adapter) on a text file, as JSON.
     Eval(stages::eval::EvalArgs),
+    /// Merge a PEFT LoRA adapter into its base model: a plain HF model dir (MedicalGPT merge_peft_adapter.py).
+    Merge(rlhf_worker::merge::MergeArgs),
     /// Make a small random Llama model dir with a BPE tokenizer trained on a corpus.
     #[command(name = "init-model")]
     InitModel(InitModelCli),
@@ -104,6 +106,10 @@ fn run(cli: Cli) -> Result<()> {
             println!("{out}");
         }
         Command::Eval(args) => println!("{}", stages::eval::run(&args)?),
+        Command::Merge(args) => println!(
+            "{}",
+            serde_json::to_string(&rlhf_worker::merge::run(&args)?)?
+        ),
         Command::InitModel(a) => {
             let args = InitModelArgs {
                 vocab_size: a.vocab_size,

@@ -9,6 +9,7 @@ mod errors;
 mod eval;
 mod init_model;
 mod launch;
+mod merge;
 mod pt;
 mod resume;
 

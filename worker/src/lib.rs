@@ -7,6 +7,7 @@ pub mod data;
 pub mod demo;
 pub mod fsutil;
 pub mod init_model;
+pub mod merge;
 pub mod model;
 pub mod stages;
 pub mod tokenizer;

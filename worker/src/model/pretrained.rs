@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 
 /// PEFT's prefix for a causal-LM adapter's tensor names.
-const PEFT_PREFIX: &str = "base_model.model.";
+pub const PEFT_PREFIX: &str = "base_model.model.";
 
 /// Load a Hugging Face model dir. LoRA A matrices get PEFT's default init
 /// (kaiming-uniform, a=√5: U(−1/√in, 1/√in)) from `seed`; B starts at zero;

@@ -2,6 +2,8 @@
 //! listed by `model.safetensors.index.json`; f32, f16 or bf16 on disk, f32 in
 //! memory. Files are memory-mapped, so only the tensors asked for are read.
 
+pub mod sharded;
+
 use crate::fsutil::write_atomic;
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, Metadata, TensorView};
@@ -128,6 +130,30 @@ impl TensorFiles {
         f.metadata.info(name).map(|i| i.shape.clone())
     }
 
+    /// The tensor's on-disk dtype and shape, if present.
+    pub fn info(&self, name: &str) -> Option<(Dtype, Vec<usize>)> {
+        let f = &self.files[*self.index.get(name)?];
+        f.metadata.info(name).map(|i| (i.dtype, i.shape.clone()))
+    }
+
+    /// The file that holds `name` (for error messages).
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        Some(&self.files[*self.index.get(name)?].path)
+    }
+
+    /// The tensor's bytes exactly as stored (little-endian, its own dtype).
+    pub fn raw_bytes(&self, name: &str) -> Result<&[u8]> {
+        let &fi = self
+            .index
+            .get(name)
+            .with_context(|| format!("missing tensor {name:?}"))?;
+        let f = &self.files[fi];
+        let info = f.metadata.info(name).context("index out of sync")?;
+        let start = 8 + f.header_len + info.data_offsets.0;
+        let end = 8 + f.header_len + info.data_offsets.1;
+        Ok(&f.mmap[start..end])
+    }
+
     /// Read a tensor as f32, checking its shape.
     pub fn read_f32(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>> {
         let &fi = self.index.get(name).with_context(|| {
@@ -206,6 +232,45 @@ impl SaveDtype {
     }
 }
 
+impl SaveDtype {
+    /// The safetensors dtype, or None for dtypes we do not convert (ints, fp8...).
+    pub fn from_safetensors(d: Dtype) -> Option<Self> {
+        match d {
+            Dtype::F32 => Some(SaveDtype::F32),
+            Dtype::F16 => Some(SaveDtype::F16),
+            Dtype::BF16 => Some(SaveDtype::BF16),
+            _ => None,
+        }
+    }
+    pub fn to_safetensors(self) -> Dtype {
+        match self {
+            SaveDtype::F32 => Dtype::F32,
+            SaveDtype::F16 => Dtype::F16,
+            SaveDtype::BF16 => Dtype::BF16,
+        }
+    }
+}
+
+/// f32 values → little-endian bytes of `dtype` (round to nearest even).
+pub fn encode_f32(data: &[f32], dtype: SaveDtype) -> Vec<u8> {
+    match dtype {
+        SaveDtype::F32 => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        SaveDtype::F16 => data
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        SaveDtype::BF16 => data
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect(),
+    }
+}
+
+/// Little-endian bytes of a float dtype → f32 (public form of the reader's decoder).
+pub fn decode_to_f32(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
+    decode_f32(bytes, dtype)
+}
+
 /// Write named f32 tensors to one safetensors file, atomically.
 pub fn save_tensors(
     path: &Path,
@@ -215,26 +280,9 @@ pub fn save_tensors(
 ) -> Result<()> {
     let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
-        .map(|(n, s, d)| {
-            let bytes = match dtype {
-                SaveDtype::F32 => d.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                SaveDtype::F16 => d
-                    .iter()
-                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                    .collect(),
-                SaveDtype::BF16 => d
-                    .iter()
-                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-                    .collect(),
-            };
-            (n.clone(), s.clone(), bytes)
-        })
+        .map(|(n, s, d)| (n.clone(), s.clone(), encode_f32(d, dtype)))
         .collect();
-    let st_dtype = match dtype {
-        SaveDtype::F32 => Dtype::F32,
-        SaveDtype::F16 => Dtype::F16,
-        SaveDtype::BF16 => Dtype::BF16,
-    };
+    let st_dtype = dtype.to_safetensors();
     let views: Vec<(String, TensorView)> = encoded
         .iter()
         .map(|(n, s, b)| Ok((n.clone(), TensorView::new(st_dtype, s.clone(), b)?)))

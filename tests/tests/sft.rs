@@ -63,11 +63,17 @@ fn lora_sft_on_sharegpt_data_learns_and_writes_an_adapter() {
     assert_eq!(results["eval_conversations"], 5);
     assert_eq!(num(&results, "train_samples"), 45.0);
     assert_eq!(results["skipped_invalid"], serde_json::json!({}));
-    assert!(num(&results, "eval_loss") < num(&results, "initial_eval_loss"), "{results}");
+    assert!(
+        num(&results, "eval_loss") < num(&results, "initial_eval_loss"),
+        "{results}"
+    );
     assert_eq!(printed["train_samples"], results["train_samples"]);
 
     let metrics = read_jsonl(&out.join("metrics.jsonl"));
-    let losses: Vec<f64> = train_lines(&metrics).iter().map(|m| num(m, "loss")).collect();
+    let losses: Vec<f64> = train_lines(&metrics)
+        .iter()
+        .map(|m| num(m, "loss"))
+        .collect();
     assert_eq!(losses.len(), 12);
     let first: f64 = losses[..3].iter().sum::<f64>() / 3.0;
     let last: f64 = losses[9..].iter().sum::<f64>() / 3.0;
@@ -114,7 +120,12 @@ fn bad_records_name_file_and_line_unless_skipped() {
     ws.write("data/train.jsonl", bad);
     let out = ws.path("out");
     let r = sft(&model, &ws.path("data"), &out).fails();
-    r.assert_stderr_has(&["train.jsonl:9", "conversations[0].from", "expected a user turn first", "--skip_invalid"]);
+    r.assert_stderr_has(&[
+        "train.jsonl:9",
+        "conversations[0].from",
+        "expected a user turn first",
+        "--skip_invalid",
+    ]);
     assert!(!out.join("all_results.json").exists());
 
     sft(&model, &ws.path("data"), &out)
@@ -134,7 +145,10 @@ fn bad_records_name_file_and_line_unless_skipped() {
 fn bad_arguments_are_errors() {
     let ws = Workspace::new();
     let model = tiny_model(&ws);
-    ws.write("data/train.jsonl", head("sft/medical_sft_1K_format.jsonl", 4));
+    ws.write(
+        "data/train.jsonl",
+        head("sft/medical_sft_1K_format.jsonl", 4),
+    );
     let out = ws.path("out");
     sft(&model, &ws.path("data"), &out)
         .opt("--template_name", "nope")

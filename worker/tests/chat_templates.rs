@@ -9,7 +9,9 @@
 //!   HF tokenizer.
 
 use rlhf_worker::data::chat::{Conversation, Message, Role};
-use rlhf_worker::data::sft::{fix_special_tokens, tokenize_conversations, SftTokenizeArgs, IGNORE_INDEX};
+use rlhf_worker::data::sft::{
+    fix_special_tokens, tokenize_conversations, SftTokenizeArgs, IGNORE_INDEX,
+};
 use rlhf_worker::data::template::{named_template, ChatFormat, JinjaTemplate, NAMED_TEMPLATES};
 use rlhf_worker::tokenizer::Tokenizer;
 use serde_json::Value;
@@ -85,20 +87,32 @@ fn tokenizer_chat_template_is_the_default_format() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|c| c["template"] == "qwen2_5" && c["conversation"] == "system_multi" && c["add_generation_prompt"] == true)
+        .find(|c| {
+            c["template"] == "qwen2_5"
+                && c["conversation"] == "system_multi"
+                && c["add_generation_prompt"] == true
+        })
         .unwrap();
     let msgs = messages(&fx["conversations"]["system_multi"]);
-    assert_eq!(f.render(&msgs, true).unwrap(), case["expected"].as_str().unwrap());
+    assert_eq!(
+        f.render(&msgs, true).unwrap(),
+        case["expected"].as_str().unwrap()
+    );
 
     // Without a chat template and without --template_name: an error asking for one.
     let mut bare = tok.clone();
     bare.set_chat_template(None);
     let e = ChatFormat::resolve(None, &bare).unwrap_err().to_string();
     assert!(e.contains("--template_name") && e.contains("vicuna"), "{e}");
-    let e = ChatFormat::resolve(Some("gpt5"), &bare).unwrap_err().to_string();
+    let e = ChatFormat::resolve(Some("gpt5"), &bare)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("gpt5") && e.contains("chatglm3"), "{e}");
     // A template that does not compile names the engine's complaint.
-    let e = format!("{:#}", JinjaTemplate::new("{% for x in %}", "broken", &tok).unwrap_err());
+    let e = format!(
+        "{:#}",
+        JinjaTemplate::new("{% for x in %}", "broken", &tok).unwrap_err()
+    );
     assert!(e.contains("broken") && e.contains("line 1"), "{e}");
 }
 
@@ -109,19 +123,32 @@ fn named_two_turn_prompts_match_the_reference_notes() {
     let two = |name: &str| {
         let f = ChatFormat::Named(named_template(name).unwrap());
         f.render(
-            &[Message::user("Q1"), Message::assistant("A1"), Message::user("Q2")],
+            &[
+                Message::user("Q1"),
+                Message::assistant("A1"),
+                Message::user("Q2"),
+            ],
             true,
         )
         .unwrap()
     };
     assert_eq!(two("qwen"), "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1\n<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n");
     let llama2 = two("llama2");
-    assert!(llama2.starts_with("<<SYS>>\nYou are a helpful, respectful and honest assistant."), "{llama2}");
+    assert!(
+        llama2.starts_with("<<SYS>>\nYou are a helpful, respectful and honest assistant."),
+        "{llama2}"
+    );
     assert!(llama2.ends_with("please don't share false information.\n<</SYS>>\n\n</s>[INST] Q1 [/INST]A1</s>[INST] Q2 [/INST]"), "{llama2}");
-    assert_eq!(two("chatglm3"), "<|user|>\nQ1<|assistant|>A1\n<|user|>\nQ2<|assistant|>");
+    assert_eq!(
+        two("chatglm3"),
+        "<|user|>\nQ1<|assistant|>A1\n<|user|>\nQ2<|assistant|>"
+    );
     assert_eq!(two("chatglm2"), "问：Q1\n\n答：A1\n\n问：Q2\n\n答：");
     let vicuna_system = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.";
-    assert_eq!(two("vicuna"), format!("{vicuna_system}</s>USER: Q1 ASSISTANT:A1</s>USER: Q2 ASSISTANT:"));
+    assert_eq!(
+        two("vicuna"),
+        format!("{vicuna_system}</s>USER: Q1 ASSISTANT:A1</s>USER: Q2 ASSISTANT:")
+    );
 }
 
 #[test]
@@ -137,17 +164,43 @@ fn every_named_template_matches_medicalgpt() {
         let f = ChatFormat::resolve(Some(name), &tokenizer("tok_qwen")).unwrap();
         let want = &fx[name];
         let q = [Message::user("What is a fever?")];
-        assert_eq!(f.render(&q, true).unwrap(), want["one_turn"].as_str().unwrap(), "{name}");
-        let qs = [Message::system("Be brief."), Message::user("What is a fever?")];
-        assert_eq!(f.render(&qs, true).unwrap(), want["one_turn_system"].as_str().unwrap(), "{name}");
-        let two = [Message::user("Q1"), Message::assistant("A1"), Message::user("Q2")];
-        assert_eq!(f.render(&two, false).unwrap(), want["two_turn"].as_str().unwrap(), "{name}");
-        assert_eq!(f.stop_strings(), vec![want["stop_str"].as_str().unwrap().to_string()], "{name}");
+        assert_eq!(
+            f.render(&q, true).unwrap(),
+            want["one_turn"].as_str().unwrap(),
+            "{name}"
+        );
+        let qs = [
+            Message::system("Be brief."),
+            Message::user("What is a fever?"),
+        ];
+        assert_eq!(
+            f.render(&qs, true).unwrap(),
+            want["one_turn_system"].as_str().unwrap(),
+            "{name}"
+        );
+        let two = [
+            Message::user("Q1"),
+            Message::assistant("A1"),
+            Message::user("Q2"),
+        ];
+        assert_eq!(
+            f.render(&two, false).unwrap(),
+            want["two_turn"].as_str().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            f.stop_strings(),
+            vec![want["stop_str"].as_str().unwrap().to_string()],
+            "{name}"
+        );
         assert_eq!(f.name(), name);
     }
     // deepseekcoder keeps MedicalGPT's bug: the query never appears.
     let dc = fx["deepseekcoder"]["one_turn"].as_str().unwrap();
-    assert!(dc.contains("{content}") && !dc.contains("What is a fever?"), "{dc}");
+    assert!(
+        dc.contains("{content}") && !dc.contains("What is a fever?"),
+        "{dc}"
+    );
 }
 
 #[test]
@@ -208,7 +261,8 @@ fn sft_tokenisation_matches_medicalgpt_preprocess() {
             source: PathBuf::from(name),
             line: 1,
         };
-        let out = tokenize_conversations(std::slice::from_ref(&conv), &format, &tok, &args).unwrap();
+        let out =
+            tokenize_conversations(std::slice::from_ref(&conv), &format, &tok, &args).unwrap();
         if case["all_labels_ignored"].as_bool().unwrap() {
             assert_eq!(out.all_labels_ignored, 1, "{name}");
             assert!(out.samples.is_empty(), "{name}");

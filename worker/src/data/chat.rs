@@ -195,7 +195,12 @@ pub fn read_sft_dir(dir: &Path, skip_invalid: bool) -> Result<SftRecords> {
     let files: Vec<PathBuf> = list_data_files(dir)
         .with_context(|| format!("SFT data {}", dir.display()))?
         .into_iter()
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("json" | "jsonl")))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("json" | "jsonl")
+            )
+        })
         .collect();
     if files.is_empty() {
         bail!(
@@ -509,25 +514,25 @@ fn normalise(
                     _ => body.push(Message::user(t.content)),
                 }
             }
-            Role::Assistant => match body.last() {
-                None => {
-                    return Err(bad(
+            Role::Assistant => {
+                match body.last() {
+                    None => return Err(bad(
                         &t.field.replace(".value", ".from"),
                         InvalidReason::AssistantFirst,
                         "an assistant turn comes before any user turn; expected a user turn first"
                             .into(),
-                    ))
+                    )),
+                    Some(prev) if prev.role == Role::Assistant => {
+                        return Err(bad(
+                            &t.field.replace(".value", ".from"),
+                            InvalidReason::ConsecutiveAssistant,
+                            "a second assistant turn in a row; expected a user turn between them"
+                                .into(),
+                        ))
+                    }
+                    Some(_) => body.push(Message::assistant(t.content)),
                 }
-                Some(prev) if prev.role == Role::Assistant => {
-                    return Err(bad(
-                        &t.field.replace(".value", ".from"),
-                        InvalidReason::ConsecutiveAssistant,
-                        "a second assistant turn in a row; expected a user turn between them"
-                            .into(),
-                    ))
-                }
-                Some(_) => body.push(Message::assistant(t.content)),
-            },
+            }
         }
     }
     if !body.iter().any(|m| m.role == Role::Assistant) {
@@ -708,20 +713,76 @@ mod tests {
     #[test]
     fn each_error_class_names_file_line_and_field() {
         let cases = [
-            (json!({"conversations": []}), InvalidReason::EmptyConversation, "conversations"),
-            (json!({"conversations": [{"from": "human", "value": "q"}]}), InvalidReason::NoAssistantTurn, "conversations"),
-            (json!({"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]}), InvalidReason::AssistantFirst, "conversations[0].from"),
-            (json!({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}, {"from": "gpt", "value": "b"}]}), InvalidReason::ConsecutiveAssistant, "conversations[2].from"),
-            (json!({"conversations": [{"from": "human", "value": "q"}, {"from": "system", "value": "s"}, {"from": "gpt", "value": "a"}]}), InvalidReason::SystemNotFirst, "conversations[1].from"),
-            (json!({"conversations": [{"from": "human", "value": " "}, {"from": "gpt", "value": "a"}]}), InvalidReason::EmptyPrompt, "conversations[0].value"),
-            (json!({"conversations": [{"from": "bot", "value": "q"}]}), InvalidReason::UnknownRole, "conversations[0].from"),
-            (json!({"conversations": [{"from": "human"}]}), InvalidReason::MissingField, "conversations[0].value"),
-            (json!({"conversations": [{"from": "human", "value": 3}]}), InvalidReason::WrongType, "conversations[0].value"),
-            (json!({"conversations": "x"}), InvalidReason::WrongType, "conversations"),
-            (json!({"text": "x"}), InvalidReason::MissingField, "conversations"),
-            (json!({"instruction": "i"}), InvalidReason::MissingField, "output"),
-            (json!({"instruction": "i", "input": 1, "output": "o"}), InvalidReason::WrongType, "input"),
-            (json!({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "system_prompt": 1}), InvalidReason::WrongType, "system_prompt"),
+            (
+                json!({"conversations": []}),
+                InvalidReason::EmptyConversation,
+                "conversations",
+            ),
+            (
+                json!({"conversations": [{"from": "human", "value": "q"}]}),
+                InvalidReason::NoAssistantTurn,
+                "conversations",
+            ),
+            (
+                json!({"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]}),
+                InvalidReason::AssistantFirst,
+                "conversations[0].from",
+            ),
+            (
+                json!({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}, {"from": "gpt", "value": "b"}]}),
+                InvalidReason::ConsecutiveAssistant,
+                "conversations[2].from",
+            ),
+            (
+                json!({"conversations": [{"from": "human", "value": "q"}, {"from": "system", "value": "s"}, {"from": "gpt", "value": "a"}]}),
+                InvalidReason::SystemNotFirst,
+                "conversations[1].from",
+            ),
+            (
+                json!({"conversations": [{"from": "human", "value": " "}, {"from": "gpt", "value": "a"}]}),
+                InvalidReason::EmptyPrompt,
+                "conversations[0].value",
+            ),
+            (
+                json!({"conversations": [{"from": "bot", "value": "q"}]}),
+                InvalidReason::UnknownRole,
+                "conversations[0].from",
+            ),
+            (
+                json!({"conversations": [{"from": "human"}]}),
+                InvalidReason::MissingField,
+                "conversations[0].value",
+            ),
+            (
+                json!({"conversations": [{"from": "human", "value": 3}]}),
+                InvalidReason::WrongType,
+                "conversations[0].value",
+            ),
+            (
+                json!({"conversations": "x"}),
+                InvalidReason::WrongType,
+                "conversations",
+            ),
+            (
+                json!({"text": "x"}),
+                InvalidReason::MissingField,
+                "conversations",
+            ),
+            (
+                json!({"instruction": "i"}),
+                InvalidReason::MissingField,
+                "output",
+            ),
+            (
+                json!({"instruction": "i", "input": 1, "output": "o"}),
+                InvalidReason::WrongType,
+                "input",
+            ),
+            (
+                json!({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "system_prompt": 1}),
+                InvalidReason::WrongType,
+                "system_prompt",
+            ),
             (json!([1]), InvalidReason::WrongType, "<record>"),
         ];
         for (v, want, field) in cases {
@@ -738,16 +799,22 @@ mod tests {
         let good = r#"{"conversations":[{"from":"human","value":"q"},{"from":"gpt","value":"a"}]}"#;
         let text = format!(
             "{good}\n\n{}\n{}\nnot json\n{good}\n",
-            r#"{"conversations":[{"from":"gpt","value":"a"}]}"#,
-            r#"{"conversations":[]}"#
+            r#"{"conversations":[{"from":"gpt","value":"a"}]}"#, r#"{"conversations":[]}"#
         );
         std::fs::create_dir_all(dir.path().join("sub")).unwrap();
         std::fs::write(dir.path().join("sub/b.jsonl"), &text).unwrap();
-        std::fs::write(dir.path().join("a.json"), format!("[\n{good},\n  {good}\n]")).unwrap();
+        std::fs::write(
+            dir.path().join("a.json"),
+            format!("[\n{good},\n  {good}\n]"),
+        )
+        .unwrap();
         std::fs::write(dir.path().join("c.txt"), "ignored").unwrap();
 
         let e = format!("{:#}", read_sft_dir(dir.path(), false).unwrap_err());
-        assert!(e.contains("sub/b.jsonl:3: field \"conversations[0].from\""), "{e}");
+        assert!(
+            e.contains("sub/b.jsonl:3: field \"conversations[0].from\""),
+            "{e}"
+        );
         assert!(e.contains("--skip_invalid"), "{e}");
 
         let r = read_sft_dir(dir.path(), true).unwrap();

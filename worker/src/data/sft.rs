@@ -45,7 +45,11 @@ pub struct SftSamples {
 /// `seq[:end]` with Python slice semantics (negative `end` counts from the end).
 fn py_truncate(seq: &mut Vec<u32>, end: i64) {
     let n = seq.len() as i64;
-    let keep = if end < 0 { (n + end).max(0) } else { end.min(n) };
+    let keep = if end < 0 {
+        (n + end).max(0)
+    } else {
+        end.min(n)
+    };
     seq.truncate(keep as usize);
 }
 
@@ -56,9 +60,9 @@ pub fn preprocess_dialog(
     tokenizer: &Tokenizer,
     args: &SftTokenizeArgs,
 ) -> Result<(Sample, usize)> {
-    let eos = tokenizer
-        .eos_id()
-        .ok_or_else(|| anyhow!("the tokenizer has no EOS token; SFT appends one after each answer"))?;
+    let eos = tokenizer.eos_id().ok_or_else(|| {
+        anyhow!("the tokenizer has no EOS token; SFT appends one after each answer")
+    })?;
     let max_length = args.model_max_length;
     let mut input_ids: Vec<u32> = Vec::new();
     let mut labels: Vec<i32> = Vec::new();
@@ -116,8 +120,8 @@ pub fn tokenize_conversations(
         let dialog = format
             .dialog(&conv.messages)
             .with_context(|| format!("{}: applying template {}", at(), format.name()))?;
-        let (sample, dropped) =
-            preprocess_dialog(&dialog, tokenizer, args).with_context(|| format!("{}: tokenizing", at()))?;
+        let (sample, dropped) = preprocess_dialog(&dialog, tokenizer, args)
+            .with_context(|| format!("{}: tokenizing", at()))?;
         out.turns_dropped += dropped;
         if sample.labels.iter().all(|&l| l == args.ignore_index) {
             out.all_labels_ignored += 1;
@@ -139,7 +143,10 @@ pub fn tokenize_conversations(
 /// `stop_str` (else `"</s>"`); no BOS → BOS = EOS; no PAD → UNK, else EOS.
 /// MedicalGPT may add a new token to the vocabulary here; we do not resize
 /// the model, so the token must already exist. Returns what was changed.
-pub fn fix_special_tokens(tokenizer: &mut Tokenizer, stop_str: Option<&str>) -> Result<Vec<String>> {
+pub fn fix_special_tokens(
+    tokenizer: &mut Tokenizer,
+    stop_str: Option<&str>,
+) -> Result<Vec<String>> {
     let mut notes = Vec::new();
     if tokenizer.eos_id().is_none() {
         let eos = stop_str.unwrap_or("</s>");

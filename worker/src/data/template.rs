@@ -146,7 +146,11 @@ fn python_format(format_string: &str, query: &str) -> Result<String> {
 
 impl NamedTemplate {
     /// `Conversation._format_example(pairs, system_prompt)`: [src_1, tgt_1, ...].
-    pub fn format_example(&self, pairs: &[(&str, &str)], system_prompt: &str) -> Result<Vec<String>> {
+    pub fn format_example(
+        &self,
+        pairs: &[(&str, &str)],
+        system_prompt: &str,
+    ) -> Result<Vec<String>> {
         let system = if system_prompt.is_empty() {
             self.system_prompt
         } else {
@@ -205,7 +209,12 @@ impl JinjaTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| anyhow!("chat template of {origin} does not compile: {}", engine_message(&e)))?;
+            .map_err(|e| {
+                anyhow!(
+                    "chat template of {origin} does not compile: {}",
+                    engine_message(&e)
+                )
+            })?;
         Ok(JinjaTemplate {
             env: Arc::new(env),
             origin: origin.to_string(),
@@ -237,7 +246,10 @@ impl JinjaTemplate {
         for (k, v) in &self.special_tokens {
             ctx.push((k, Value::from(v.as_str())));
         }
-        let ctx: Value = ctx.into_iter().collect::<std::collections::BTreeMap<_, _>>().into();
+        let ctx: Value = ctx
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into();
         let tmpl = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -282,11 +294,27 @@ fn strftime_now(format: String) -> Result<String, Error> {
 }
 
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
 const WEEKDAYS: [&str; 7] = [
-    "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
 ];
 
 /// Python `strftime` of a UTC Unix time, for %Y %y %m %d %e %B %b %A %a %H %I
@@ -336,7 +364,10 @@ fn strftime(format: &str, unix_secs: i64) -> Result<String, Error> {
             other => {
                 return Err(Error::new(
                     ErrorKind::InvalidOperation,
-                    format!("strftime_now: unsupported directive %{}", other.unwrap_or(' ')),
+                    format!(
+                        "strftime_now: unsupported directive %{}",
+                        other.unwrap_or(' ')
+                    ),
                 ))
             }
         }
@@ -358,19 +389,30 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         Some(v) => match v.kind() {
             ValueKind::Number => Some(" ".repeat(i64::try_from(v)?.max(0) as usize)),
             ValueKind::String => Some(v.as_str().unwrap_or_default().to_string()),
-            _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an int or a string")),
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: indent must be an int or a string",
+                ))
+            }
         },
     };
     let (item_sep, key_sep) = match separators {
         Some(v) if !v.is_none() => {
             let a: Vec<Value> = v.try_iter()?.collect();
             if a.len() != 2 {
-                return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair"));
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: separators must be a pair",
+                ));
             }
             (a[0].to_string(), a[1].to_string())
         }
         // Python's defaults: ", " without indent, "," with it.
-        _ => (if indent.is_some() { "," } else { ", " }.to_string(), ": ".to_string()),
+        _ => (
+            if indent.is_some() { "," } else { ", " }.to_string(),
+            ": ".to_string(),
+        ),
     };
     let opts = DumpOpts {
         indent,
@@ -490,9 +532,19 @@ pub enum ChatFormat {
     Jinja(JinjaTemplate),
 }
 
-/// The system text and (user, assistant) pairs of well-ordered messages; a
-/// final user message without an answer gets `""` (the generation prompt).
-fn split_messages(messages: &[Message]) -> Result<(&str, Vec<(&str, &str)>, bool)> {
+/// Messages as MedicalGPT's templates take them.
+struct SplitMessages<'a> {
+    /// The system text, "" when there is none.
+    system: &'a str,
+    /// (user, assistant) pairs; a final user message gets `""`.
+    pairs: Vec<(&'a str, &'a str)>,
+    /// The last message is a user message (no answer yet).
+    open: bool,
+}
+
+/// Split well-ordered messages: an optional system message, then alternating
+/// user/assistant messages.
+fn split_messages(messages: &[Message]) -> Result<SplitMessages<'_>> {
     let (system, body) = match messages.first() {
         Some(m) if m.role == Role::System => (m.content.as_str(), &messages[1..]),
         _ => ("", messages),
@@ -509,7 +561,9 @@ fn split_messages(messages: &[Message]) -> Result<(&str, Vec<(&str, &str)>, bool
             );
         }
         match chunk.get(1) {
-            Some(a) if a.role == Role::Assistant => pairs.push((user.content.as_str(), a.content.as_str())),
+            Some(a) if a.role == Role::Assistant => {
+                pairs.push((user.content.as_str(), a.content.as_str()))
+            }
             Some(a) => bail!(
                 "message {} is {}; named templates need alternating user/assistant messages",
                 2 * i + 1 + usize::from(system_present(messages)),
@@ -521,7 +575,11 @@ fn split_messages(messages: &[Message]) -> Result<(&str, Vec<(&str, &str)>, bool
             }
         }
     }
-    Ok((system, pairs, open))
+    Ok(SplitMessages {
+        system,
+        pairs,
+        open,
+    })
 }
 
 fn system_present(messages: &[Message]) -> bool {
@@ -544,7 +602,11 @@ impl ChatFormat {
                 )?)),
                 None => bail!(
                     "the tokenizer has no chat_template; pass --template_name (one of: {})",
-                    NAMED_TEMPLATES.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")
+                    NAMED_TEMPLATES
+                        .iter()
+                        .map(|t| t.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             },
         }
@@ -559,9 +621,16 @@ impl ChatFormat {
         match self {
             ChatFormat::Jinja(j) => j.render(messages, add_generation_prompt),
             ChatFormat::Named(t) => {
-                let (system, pairs, open) = split_messages(messages)?;
+                let SplitMessages {
+                    system,
+                    pairs,
+                    open,
+                } = split_messages(messages)?;
                 if add_generation_prompt && !open {
-                    bail!("template {}: a generation prompt needs a final user message", t.name);
+                    bail!(
+                        "template {}: a generation prompt needs a final user message",
+                        t.name
+                    );
                 }
                 t.get_prompt(&pairs, system)
             }
@@ -573,14 +642,21 @@ impl ChatFormat {
     /// `apply_chat_template` differences: src_k = render(history + user_k,
     /// generation prompt)[len(render(history)):], tgt_k = the answer.
     pub fn dialog(&self, messages: &[Message]) -> Result<Vec<(String, String)>> {
-        let (system, pairs, open) = split_messages(messages)?;
+        let SplitMessages {
+            system,
+            pairs,
+            open,
+        } = split_messages(messages)?;
         if open {
             bail!("dialog: the last message must be an assistant answer");
         }
         match self {
             ChatFormat::Named(t) => {
                 let flat = t.format_example(&pairs, system)?;
-                Ok(flat.chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect())
+                Ok(flat
+                    .chunks(2)
+                    .map(|p| (p[0].clone(), p[1].clone()))
+                    .collect())
             }
             ChatFormat::Jinja(j) => {
                 let mut acc: Vec<Message> = Vec::with_capacity(messages.len());
@@ -639,15 +715,20 @@ mod tests {
     #[test]
     fn unknown_template_lists_names() {
         let e = named_template("nope").unwrap_err().to_string();
-        assert!(e.contains("nope") && e.contains("vicuna") && e.contains("qwen3_5_nothink"), "{e}");
+        assert!(
+            e.contains("nope") && e.contains("vicuna") && e.contains("qwen3_5_nothink"),
+            "{e}"
+        );
     }
 
     #[test]
     fn strftime_known_dates() {
         // 2024-02-29 13:05:09 UTC, a Thursday.
         let t = 1_709_211_909;
-        assert_eq!(strftime("%Y-%m-%d %H:%M:%S %a %A %b %B %j %y %I%p %%", t).unwrap(),
-            "2024-02-29 13:05:09 Thu Thursday Feb February 060 24 01PM %");
+        assert_eq!(
+            strftime("%Y-%m-%d %H:%M:%S %a %A %b %B %j %y %I%p %%", t).unwrap(),
+            "2024-02-29 13:05:09 Thu Thursday Feb February 060 24 01PM %"
+        );
         assert_eq!(strftime("%d %b %Y", 0).unwrap(), "01 Jan 1970");
     }
 

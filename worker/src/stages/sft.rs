@@ -231,7 +231,11 @@ pub fn run_dist<B: Backend>(
         )?)
     };
     if let (true, Some(e)) = (is_main, &initial_eval) {
-        tracing::info!(eval_loss = e.loss, perplexity = e.perplexity, "before training");
+        tracing::info!(
+            eval_loss = e.loss,
+            perplexity = e.perplexity,
+            "before training"
+        );
     }
     let base = args.model.model_name_or_path.clone();
     let save = |m: &crate::model::Llama<B>, dir: &std::path::Path| {

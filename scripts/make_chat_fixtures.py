@@ -124,6 +124,55 @@ ZEPHYR = """{% for message in messages %}
 {% endif %}
 {% endfor %}"""
 
+# Qwen3 (tool branches shortened): reverse slicing, `is string`, set inside if/for, split/rstrip/lstrip.
+QWEN3 = """{%- if messages[0].role == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\\n' + content }}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}"""
+
 # Python string methods, namespace(), filtered loops, loop controls, block whitespace control.
 PYMETHODS = """{%- set ns = namespace(system='', found=false, turns=0) -%}
 {%- for message in messages -%}
@@ -324,11 +373,18 @@ CONVERSATIONS = {
         {"role": "assistant", "content": "体检"},
     ],
     "user_only": [{"role": "user", "content": "Just a question"}],
+    "thinking": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+        {"role": "user", "content": "and 3+3?"},
+        {"role": "assistant", "content": "<think>\nagain\n</think>\n\n6"},
+    ],
 }
 
 TEMPLATES = {
     "qwen2": (QWEN2, "tok_qwen"),
     "qwen2_5": (QWEN25, "tok_qwen"),
+    "qwen3": (QWEN3, "tok_qwen"),
     "llama3": (LLAMA3, "tok_llama"),
     "llama2": (LLAMA2, "tok_llama"),
     "mistral": (MISTRAL, "tok_llama"),
@@ -446,17 +502,25 @@ def sft_cases():
         ("deepseekcoder_bug", "tok_qwen", "deepseekcoder", single, 512, False, True),
         # A long prompt and a 2-token answer: int(L*|tgt|/total) = 0, so Python's tgt[:-1] keeps one
         # token, the first turn no longer fits, and the row has no trained label.
+        # Qwen3 renders history without think blocks, so render(history) is not a prefix of the next
+        # render: MedicalGPT's character-offset slicing is reproduced as it is.
+        ("jinja_qwen3_thinking", "tok_qwen:qwen3", None, CONVERSATIONS["thinking"], 1024, False, True),
         ("first_turn_too_long", "tok_qwen", "qwen", [single[0], {"role": "assistant", "content": "OK"}], 8, False, True),
     ]
     cases = []
-    for name, tokname, template_name, messages, max_length, toi, ignore_pad in specs:
-        tok = fix_tokenizer(load(tokname), template_name)
+    for name, tokspec, template_name, messages, max_length, toi, ignore_pad in specs:
+        tokname, _, chat_template = tokspec.partition(":")
+        tok = load(tokname)
+        if chat_template:
+            tok.chat_template = TEMPLATES[chat_template][0]
+        tok = fix_tokenizer(tok, template_name)
         ignore_index = -100 if ignore_pad else tok.pad_token_id
         dialog = dialog_of(tok, template_name, messages)
         input_ids, labels = preprocess(tok, dialog, max_length, toi, ignore_index)
         cases.append({
             "name": name,
             "tokenizer": tokname,
+            "chat_template": chat_template or None,
             "template_name": template_name,
             "messages": messages,
             "model_max_length": max_length,
@@ -499,6 +563,11 @@ def main():
     write_json(OUT / "named.json", named_cases())
     write_json(OUT / "sft.json", sft_cases())
     write_json(OUT / "versions.json", {"transformers": transformers.__version__})
+    (OUT / "README.md").write_text(
+        "Made by scripts/make_chat_fixtures.py (see its docstring for what each file holds);\n"
+        "read by worker/tests/chat_templates.rs. Do not edit by hand: re-run the script.\n",
+        encoding="utf-8",
+    )
     print(f"wrote {OUT}")
 
 

@@ -73,7 +73,7 @@ fn jinja_templates_render_like_transformers() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 72);
+    assert_eq!(checked, 100);
 }
 
 #[test]
@@ -224,6 +224,13 @@ fn sft_tokenisation_matches_medicalgpt_preprocess() {
     for case in cases.as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let mut tok = tokenizer(case["tokenizer"].as_str().unwrap());
+        if let Some(t) = case["chat_template"].as_str() {
+            let src = read("jinja.json")["templates"][t]
+                .as_str()
+                .unwrap()
+                .to_string();
+            tok.set_chat_template(Some(src));
+        }
         let template_name = case["template_name"].as_str();
         let stop = template_name.map(|n| named_template(n).unwrap().stop_str);
         fix_special_tokens(&mut tok, stop).unwrap();

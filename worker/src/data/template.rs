@@ -524,6 +524,20 @@ fn python_float(f: f64) -> String {
     }
 }
 
+/// The chat template renders a conversation so far differently from how it
+/// renders it inside a longer one (Qwen3 drops past think blocks), so
+/// MedicalGPT's character-offset split cuts later prompts in the wrong place.
+/// Kept for parity; said once per process.
+fn warn_not_prefix_once() {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(
+            "chat template: the rendered history is not a prefix of the next rendering (e.g. Qwen3 drops past <think> blocks); \
+             later turns' prompts are cut at MedicalGPT's character offset and may lose text; pass --template_name to avoid this"
+        )
+    });
+}
+
 /// How conversations become text: a named MedicalGPT template or the model's
 /// Jinja chat template.
 #[derive(Clone, Debug)]
@@ -671,9 +685,7 @@ impl ChatFormat {
                     // Python slices by characters: cur_text[len(prev_text):].
                     let src: String = cur.chars().skip(prev.chars().count()).collect();
                     if !cur.starts_with(&prev) {
-                        tracing::warn!(
-                            "chat template: a conversation's rendering is not a prefix of its continuation; the turn split follows MedicalGPT (character offset)"
-                        );
+                        warn_not_prefix_once();
                     }
                     out.push((src, a.to_string()));
                     acc.push(Message::assistant(a));

@@ -681,6 +681,37 @@ mod tests {
     }
 
     #[test]
+    fn special_tokens_map_order_and_setters() {
+        let dir = tempfile::tempdir().unwrap();
+        train_byte_level_bpe(&corpus(), 300)
+            .unwrap()
+            .save(dir.path())
+            .unwrap();
+        write_json_atomic(
+            &dir.path().join("tokenizer_config.json"),
+            &json!({"pad_token": "<|endoftext|>", "mask_token": "<|im_start|>", "unk_token": "<|im_end|>", "eos_token": "<|im_end|>"}),
+        )
+        .unwrap();
+        let mut tok = Tokenizer::load(dir.path()).unwrap();
+        let names: Vec<&str> = tok.special_tokens_map().iter().map(|(k, _)| *k).collect();
+        // transformers' SPECIAL_TOKENS_ATTRIBUTES order, only the ones that are set.
+        assert_eq!(names, ["eos_token", "unk_token", "pad_token", "mask_token"]);
+        assert_eq!(tok.unk_token(), Some(IM_END));
+        assert_eq!(tok.unk_id(), Some(2));
+
+        tok.set_bos_token(IM_START).unwrap();
+        assert_eq!((tok.bos_token(), tok.bos_id()), (Some(IM_START), Some(1)));
+        tok.set_eos_token(ENDOFTEXT).unwrap();
+        assert_eq!(tok.eos_id(), Some(0));
+        assert_eq!(tok.bos_id(), Some(1), "other tokens are kept");
+        let e = tok.set_pad_token("<pad>").unwrap_err().to_string();
+        assert!(
+            e.contains("<pad>") && e.contains("not in the vocabulary"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn bad_files_are_named_in_errors() {
         let dir = tempfile::tempdir().unwrap();
         let e = format!("{:#}", Tokenizer::load(dir.path()).unwrap_err());

@@ -178,6 +178,36 @@ pub fn fix_special_tokens(
 mod tests {
     use super::*;
 
+    use crate::tokenizer::{train_byte_level_bpe, ENDOFTEXT, IM_END};
+
+    fn bare_tokenizer() -> Tokenizer {
+        let texts: Vec<String> = (0..40).map(|i| format!("fever and cough {i}")).collect();
+        let trained = train_byte_level_bpe(&texts, 300).unwrap();
+        Tokenizer::from_parts(trained.inner().clone(), None, None, None).unwrap()
+    }
+
+    #[test]
+    fn tokenizer_fixes_follow_medicalgpt() {
+        // No EOS: the named template's stop_str; BOS = EOS; no UNK so PAD = EOS.
+        let mut tok = bare_tokenizer();
+        let notes = fix_special_tokens(&mut tok, Some(IM_END)).unwrap();
+        assert_eq!(notes.len(), 3, "{notes:?}");
+        assert_eq!(tok.eos_token(), Some(IM_END));
+        assert_eq!(tok.bos_token(), Some(IM_END));
+        assert_eq!(tok.pad_token(), Some(IM_END));
+        // Nothing to fix on a complete tokenizer.
+        assert!(fix_special_tokens(&mut tok, None).unwrap().is_empty());
+        // "</s>" (no template) is not in this vocabulary: an error, not a silently added token.
+        let e = format!(
+            "{:#}",
+            fix_special_tokens(&mut bare_tokenizer(), None).unwrap_err()
+        );
+        assert!(e.contains("</s>") && e.contains("eos_token"), "{e}");
+        let mut tok = bare_tokenizer();
+        fix_special_tokens(&mut tok, Some(ENDOFTEXT)).unwrap();
+        assert_eq!(tok.eos_id(), Some(0));
+    }
+
     #[test]
     fn python_slices() {
         let mut v = vec![1, 2, 3];

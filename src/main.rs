@@ -28,6 +28,8 @@ struct Cli {
 enum Command {
     /// Continued pre-training on .txt/.json/.jsonl text (MedicalGPT pretraining.py).
     Pt(stages::pt::PtArgs),
+    /// Supervised fine-tuning on ShareGPT/Alpaca conversations (MedicalGPT supervised_finetuning.py).
+    Sft(stages::sft::SftArgs),
     /// Loss and perplexity of a model (+ adapter) on a text file, as JSON.
     Eval(stages::eval::EvalArgs),
     /// Merge a PEFT LoRA adapter into its base model: a plain HF model dir (MedicalGPT merge_peft_adapter.py).
@@ -92,6 +94,29 @@ fn run(cli: Cli) -> Result<()> {
                 "train_loss": r.summary.train_loss,
                 "train_blocks": r.train_blocks,
                 "eval_blocks": r.eval_blocks,
+                "tokens_per_sec": r.summary.tokens_per_sec,
+                "output_dir": args.training.output_dir,
+            });
+            if let Some(e) = r.initial_eval {
+                out["initial_eval_loss"] = e.loss.into();
+                out["initial_perplexity"] = e.perplexity.into();
+            }
+            if let Some(e) = r.summary.eval {
+                out["eval_loss"] = e.loss.into();
+                out["perplexity"] = e.perplexity.into();
+            }
+            println!("{out}");
+        }
+        Command::Sft(args) => {
+            let r = stages::sft::run(&args)?;
+            let mut out = serde_json::json!({
+                "global_step": r.summary.global_step,
+                "train_loss": r.summary.train_loss,
+                "train_samples": r.train_samples,
+                "eval_samples": r.eval_samples,
+                "template": r.template,
+                "skipped_invalid": r.skipped_invalid,
+                "dropped_all_labels_ignored": r.all_labels_ignored,
                 "tokens_per_sec": r.summary.tokens_per_sec,
                 "output_dir": args.training.output_dir,
             });

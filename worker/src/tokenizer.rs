@@ -47,7 +47,13 @@ pub struct Tokenizer {
     add_eos_token: Option<bool>,
     model_max_length: Option<usize>,
     chat_template: Option<String>,
+    /// unk/sep/cls/mask tokens, when declared (chat templates may use them).
+    other_special_tokens: Vec<(&'static str, String)>,
 }
+
+/// Named special tokens besides bos/eos/pad that transformers exposes in
+/// `special_tokens_map` (and so to chat templates).
+const OTHER_SPECIAL_TOKENS: [&str; 4] = ["unk_token", "sep_token", "cls_token", "mask_token"];
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -214,6 +220,12 @@ impl Tokenizer {
         let bos_token = token("bos_token")?;
         let eos_token = token("eos_token")?;
         let pad_token = token("pad_token")?;
+        let mut other_special_tokens = Vec::new();
+        for field in OTHER_SPECIAL_TOKENS {
+            if let Some(t) = token(field)? {
+                other_special_tokens.push((field, t));
+            }
+        }
 
         let jinja_path = dir.join("chat_template.jinja");
         let chat_template = match std::fs::read_to_string(&jinja_path) {
@@ -236,6 +248,7 @@ impl Tokenizer {
             add_eos_token: bool_field(&cfg, "add_eos_token", &cfg_path)?,
             model_max_length: max_length_field(&cfg, &cfg_path)?,
             chat_template,
+            other_special_tokens,
         };
         tok.set_special_tokens(bos_token, eos_token, pad_token)
             .with_context(|| format!("special tokens of {}", dir.display()))?;
@@ -262,6 +275,7 @@ impl Tokenizer {
             add_eos_token: None,
             model_max_length: None,
             chat_template: None,
+            other_special_tokens: Vec::new(),
         };
         tok.set_special_tokens(
             bos_token.map(str::to_string),
@@ -346,6 +360,51 @@ impl Tokenizer {
     /// Number of distinct tokens including added tokens (HF `len(tokenizer)`).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+    /// `unk_token`, if the tokenizer declares one.
+    pub fn unk_token(&self) -> Option<&str> {
+        self.other_special_tokens
+            .iter()
+            .find(|(k, _)| *k == "unk_token")
+            .map(|(_, v)| v.as_str())
+    }
+    /// Id of `unk_token`, if declared and in the vocabulary.
+    pub fn unk_id(&self) -> Option<u32> {
+        self.unk_token().and_then(|t| self.inner.token_to_id(t))
+    }
+    /// transformers' `special_tokens_map`: (attribute, token) of bos, eos,
+    /// unk, sep, pad, cls, mask that are set, in that order.
+    pub fn special_tokens_map(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let other = |name: &str| {
+            self.other_special_tokens
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(k, v)| (*k, v.clone()))
+        };
+        out.extend(self.bos_token.clone().map(|t| ("bos_token", t)));
+        out.extend(self.eos_token.clone().map(|t| ("eos_token", t)));
+        out.extend(other("unk_token"));
+        out.extend(other("sep_token"));
+        out.extend(self.pad_token.clone().map(|t| ("pad_token", t)));
+        out.extend(other("cls_token"));
+        out.extend(other("mask_token"));
+        out
+    }
+    /// Make `token` (which must be in the vocabulary) the BOS token.
+    pub fn set_bos_token(&mut self, token: &str) -> Result<()> {
+        let (eos, pad) = (self.eos_token.clone(), self.pad_token.clone());
+        self.set_special_tokens(Some(token.to_string()), eos, pad)
+    }
+    /// Make `token` (which must be in the vocabulary) the EOS token.
+    pub fn set_eos_token(&mut self, token: &str) -> Result<()> {
+        let (bos, pad) = (self.bos_token.clone(), self.pad_token.clone());
+        self.set_special_tokens(bos, Some(token.to_string()), pad)
+    }
+    /// Make `token` (which must be in the vocabulary) the PAD token.
+    pub fn set_pad_token(&mut self, token: &str) -> Result<()> {
+        let (bos, eos) = (self.bos_token.clone(), self.eos_token.clone());
+        self.set_special_tokens(bos, eos, Some(token.to_string()))
     }
     /// The wrapped `tokenizers::Tokenizer`.
     pub fn inner(&self) -> &HfTokenizer {
@@ -618,6 +677,37 @@ mod tests {
         assert_eq!(
             Tokenizer::load(dir.path()).unwrap().chat_template(),
             Some("J")
+        );
+    }
+
+    #[test]
+    fn special_tokens_map_order_and_setters() {
+        let dir = tempfile::tempdir().unwrap();
+        train_byte_level_bpe(&corpus(), 300)
+            .unwrap()
+            .save(dir.path())
+            .unwrap();
+        write_json_atomic(
+            &dir.path().join("tokenizer_config.json"),
+            &json!({"pad_token": "<|endoftext|>", "mask_token": "<|im_start|>", "unk_token": "<|im_end|>", "eos_token": "<|im_end|>"}),
+        )
+        .unwrap();
+        let mut tok = Tokenizer::load(dir.path()).unwrap();
+        let names: Vec<&str> = tok.special_tokens_map().iter().map(|(k, _)| *k).collect();
+        // transformers' SPECIAL_TOKENS_ATTRIBUTES order, only the ones that are set.
+        assert_eq!(names, ["eos_token", "unk_token", "pad_token", "mask_token"]);
+        assert_eq!(tok.unk_token(), Some(IM_END));
+        assert_eq!(tok.unk_id(), Some(2));
+
+        tok.set_bos_token(IM_START).unwrap();
+        assert_eq!((tok.bos_token(), tok.bos_id()), (Some(IM_START), Some(1)));
+        tok.set_eos_token(ENDOFTEXT).unwrap();
+        assert_eq!(tok.eos_id(), Some(0));
+        assert_eq!(tok.bos_id(), Some(1), "other tokens are kept");
+        let e = tok.set_pad_token("<pad>").unwrap_err().to_string();
+        assert!(
+            e.contains("<pad>") && e.contains("not in the vocabulary"),
+            "{e}"
         );
     }
 

@@ -127,7 +127,7 @@ pub fn read_data_file(path: &Path, keep_linebreaks: bool) -> Result<Vec<Document
 
 /// Strict UTF-8 (as Python's `open(encoding="utf-8")`); the error names the
 /// line and byte offset of the first bad byte. A leading BOM is dropped.
-fn decode_utf8<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str> {
+pub(crate) fn decode_utf8<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str> {
     let bytes = bytes
         .strip_prefix(b"\xEF\xBB\xBF".as_slice())
         .unwrap_or(bytes);
@@ -219,7 +219,7 @@ fn read_json_array(path: &Path, text: &str) -> Result<Vec<Document>> {
 }
 
 /// 1-based start line of each element of a valid top-level JSON array.
-fn array_element_lines(text: &str) -> Vec<usize> {
+pub(crate) fn array_element_lines(text: &str) -> Vec<usize> {
     let (mut depth, mut in_string, mut escaped, mut expect_element) = (0usize, false, false, false);
     let mut line = 1;
     let mut out = Vec::new();

@@ -5,6 +5,7 @@
 pub mod args;
 pub mod eval;
 pub mod pt;
+pub mod sft;
 
 use crate::collective::Collective;
 use crate::model::params::TrainMode;

@@ -37,16 +37,19 @@ pub enum StageKind {
     Demo,
     /// Continued pre-training (`rlhf pt`).
     Pt,
+    /// Supervised fine-tuning on conversations (`rlhf sft`).
+    Sft,
 }
 
 impl StageKind {
     /// Every kind, in the order error messages list them.
-    pub const ALL: [StageKind; 2] = [StageKind::Demo, StageKind::Pt];
+    pub const ALL: [StageKind; 3] = [StageKind::Demo, StageKind::Pt, StageKind::Sft];
 
     pub fn as_str(&self) -> &'static str {
         match self {
             StageKind::Demo => "demo",
             StageKind::Pt => "pt",
+            StageKind::Sft => "sft",
         }
     }
 
@@ -62,6 +65,7 @@ impl StageKind {
         let cmd = Command::new(self.as_str());
         match self {
             StageKind::Pt => rlhf_worker::stages::pt::PtArgs::augment_args(cmd),
+            StageKind::Sft => rlhf_worker::stages::sft::SftArgs::augment_args(cmd),
             StageKind::Demo => rlhf_worker::agent::DemoStageArgs::augment_args(cmd),
         }
     }

@@ -50,6 +50,23 @@ impl DistStage for pt::PtArgs {
     }
 }
 
+impl DistStage for sft::SftArgs {
+    const KIND: &'static str = "sft";
+    fn training(&self) -> &args::TrainingArgs {
+        &self.training
+    }
+    fn run_rank<B: Backend>(
+        &self,
+        be: B,
+        collective: &mut dyn Collective<B>,
+        global_batch: Option<usize>,
+        hooks: &mut dyn TrainHooks,
+    ) -> Result<(bool, serde_json::Value)> {
+        let r = sft::run_dist(be, self, collective, global_batch, hooks)?;
+        Ok((r.summary.finished, r.results))
+    }
+}
+
 /// Set a model's trainable weights from a checkpoint/output dir written by
 /// [`save_weights`].
 pub fn load_checkpoint_weights<B: Backend>(model: &mut Llama<B>, dir: &Path) -> Result<()> {

@@ -5,6 +5,7 @@
 pub mod args;
 pub mod eval;
 pub mod pt;
+pub mod rm;
 
 use crate::model::params::TrainMode;
 use crate::model::weights::TensorFiles;

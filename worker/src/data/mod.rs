@@ -3,5 +3,8 @@
 //!
 //! `pretrain`: the PT stage's `.txt` / `.json` / `.jsonl` text corpora,
 //! EOS-separated packing into `block_size` blocks, and the train/validation split.
+//!
+//! `reward`: the RM stage's preference pairs (MedicalGPT's three formats).
 
 pub mod pretrain;
+pub mod reward;

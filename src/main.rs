@@ -28,6 +28,8 @@ struct Cli {
 enum Command {
     /// Continued pre-training on .txt/.json/.jsonl text (MedicalGPT pretraining.py).
     Pt(stages::pt::PtArgs),
+    /// Reward modelling on preference pairs: a scalar score head, pairwise loss (MedicalGPT reward_modeling.py).
+    Rm(stages::rm::RmArgs),
     /// Loss and perplexity of a model (+ adapter) on a text file, as JSON.
     Eval(stages::eval::EvalArgs),
     /// Make a small random Llama model dir with a BPE tokenizer trained on a corpus.
@@ -100,6 +102,29 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(e) = r.summary.eval {
                 out["eval_loss"] = e.loss.into();
                 out["perplexity"] = e.perplexity.into();
+            }
+            println!("{out}");
+        }
+        Command::Rm(args) => {
+            let r = stages::rm::run(&args)?;
+            let mut out = serde_json::json!({
+                "global_step": r.summary.global_step,
+                "train_loss": r.summary.train_loss,
+                "train_pairs": r.train_pairs,
+                "eval_pairs": r.eval_pairs,
+                "skipped_invalid": r.skipped_invalid,
+                "filtered_too_long": r.too_long,
+                "tokens_per_sec": r.summary.tokens_per_sec,
+                "output_dir": args.training.output_dir,
+            });
+            if let Some(e) = r.initial_eval {
+                out["initial_eval_loss"] = e.loss.into();
+                out["initial_eval_accuracy"] = e.accuracy.into();
+            }
+            if let Some(e) = r.summary.eval {
+                out["eval_loss"] = e.loss.into();
+                out["eval_accuracy"] = e.accuracy.into();
+                out["eval_mean_margin"] = e.mean_margin.into();
             }
             println!("{out}");
         }

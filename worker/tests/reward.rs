@@ -189,7 +189,11 @@ fn qwen2_score_head_on_a_causal_lm_dir_matches_pytorch() {
 fn load_lora(case: &str, adapter: &Path) -> Llama<Cpu> {
     let lora = read_adapter_config(adapter).unwrap();
     // classifier/score are implied by the head, not a module_to_save of ours.
-    assert!(lora.modules_to_save.is_empty(), "{:?}", lora.modules_to_save);
+    assert!(
+        lora.modules_to_save.is_empty(),
+        "{:?}",
+        lora.modules_to_save
+    );
     let mut m = load(case, TrainMode::Lora(lora));
     m.load_adapter(adapter).unwrap();
     m
@@ -352,7 +356,11 @@ fn full_mode_saves_a_transformers_seq_cls_dir() {
             "LlamaForSequenceClassification"
         };
         assert_eq!(cfg["architectures"], serde_json::json!([arch]));
-        assert_eq!(cfg["id2label"].as_object().unwrap().len(), 1, "num_labels 1");
+        assert_eq!(
+            cfg["id2label"].as_object().unwrap().len(),
+            1,
+            "num_labels 1"
+        );
         assert_eq!(cfg["pad_token_id"], PAD);
         let shapes = tensor_shapes(&out.join("model.safetensors"));
         assert_eq!(shapes[SCORE_WEIGHT], [1, 32]);

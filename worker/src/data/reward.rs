@@ -61,7 +61,11 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    fn new(field: impl Into<String>, expected: impl Into<String>, found: impl Into<String>) -> Self {
+    fn new(
+        field: impl Into<String>,
+        expected: impl Into<String>,
+        found: impl Into<String>,
+    ) -> Self {
         FieldError {
             field: field.into(),
             expected: expected.into(),
@@ -117,7 +121,11 @@ pub fn parse_pair(v: &Value) -> Result<PreferencePair, FieldError> {
         ));
     };
     if pair.question.trim().is_empty() {
-        return Err(FieldError::new("question", "a non-empty question", "an empty one"));
+        return Err(FieldError::new(
+            "question",
+            "a non-empty question",
+            "an empty one",
+        ));
     }
     if pair.chosen == pair.rejected {
         let (c, r) = if obj.contains_key("conversations") {
@@ -456,10 +464,7 @@ mod ordered_json {
                     .collect();
                 format!("{{{}}}", parts.join(", "))
             }
-            J::Arr(a) => format!(
-                "[{}]",
-                a.iter().map(dumps).collect::<Vec<_>>().join(", ")
-            ),
+            J::Arr(a) => format!("[{}]", a.iter().map(dumps).collect::<Vec<_>>().join(", ")),
             J::Str(s) => quote(s),
             J::Lit(l) => l.clone(),
         }
@@ -649,7 +654,9 @@ mod tests {
         assert_eq!(t.history.len(), 1);
         assert_eq!(t.history[0].0, "北京今天天气怎么样？");
         assert!(
-            t.history[0].1.starts_with("Action: get_weather\nAction Input: {\"city\": \"北京\"}"),
+            t.history[0]
+                .1
+                .starts_with("Action: get_weather\nAction Input: {\"city\": \"北京\"}"),
             "{:?}",
             t.history[0].1
         );
@@ -697,10 +704,15 @@ mod tests {
         let e = err_of(json!({"question": "q", "response_chosen": "a", "response_rejected": "a"}));
         assert_eq!(e.field, "response_chosen/response_rejected");
         assert_eq!(e.expected, "two different answers");
-        let e = err_of(json!({"conversations": [{"from": "human", "value": "q"}], "chosen": "a", "rejected": "a"}));
+        let e = err_of(
+            json!({"conversations": [{"from": "human", "value": "q"}], "chosen": "a", "rejected": "a"}),
+        );
         assert_eq!(e.field, "chosen/rejected");
         let e = err_of(json!({"question": "  ", "response_chosen": "a", "response_rejected": "b"}));
-        assert_eq!((e.field.as_str(), e.expected.as_str()), ("question", "a non-empty question"));
+        assert_eq!(
+            (e.field.as_str(), e.expected.as_str()),
+            ("question", "a non-empty question")
+        );
         let e = err_of(json!({"question": "q", "response_chosen": "a"}));
         assert_eq!(
             (e.field.as_str(), e.found.as_str()),
@@ -711,17 +723,27 @@ mod tests {
             (e.field.as_str(), e.expected.as_str(), e.found.as_str()),
             ("response_chosen", "a string", "a number")
         );
-        let e = err_of(json!({"question": "q", "history": [["q"]], "response_chosen": "a", "response_rejected": "b"}));
+        let e = err_of(
+            json!({"question": "q", "history": [["q"]], "response_chosen": "a", "response_rejected": "b"}),
+        );
         assert_eq!(e.field, "history[0]");
-        let e = err_of(json!({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "chosen": "x", "rejected": "y"}));
+        let e = err_of(
+            json!({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "chosen": "x", "rejected": "y"}),
+        );
         assert_eq!(e.field, "conversations");
         assert!(e.expected.contains("ending with a human turn"), "{e}");
-        let e = err_of(json!({"conversations": [{"from": "robot", "value": "q"}], "chosen": "x", "rejected": "y"}));
+        let e = err_of(
+            json!({"conversations": [{"from": "robot", "value": "q"}], "chosen": "x", "rejected": "y"}),
+        );
         assert_eq!(e.field, "conversations[0].from");
-        let e = err_of(json!({"conversations": [{"from": "human"}], "chosen": "x", "rejected": "y"}));
+        let e =
+            err_of(json!({"conversations": [{"from": "human"}], "chosen": "x", "rejected": "y"}));
         assert_eq!(e.field, "conversations[0].value");
         let e = err_of(json!({"conversations": "q", "chosen": "x", "rejected": "y"}));
-        assert_eq!((e.field.as_str(), e.found.as_str()), ("conversations", "a string"));
+        assert_eq!(
+            (e.field.as_str(), e.found.as_str()),
+            ("conversations", "a string")
+        );
         let e = err_of(json!({"text": "q"}));
         assert!(e.expected.contains("response_chosen"), "{e}");
         let e = err_of(json!([1]));
@@ -742,7 +764,11 @@ mod tests {
         let r = read_pair_file(&f, true).unwrap();
         assert_eq!(r.pairs.len(), 1);
         assert_eq!(r.skipped.len(), 2);
-        assert!(r.skipped[1].contains("pairs.jsonl:4: invalid JSON"), "{:?}", r.skipped);
+        assert!(
+            r.skipped[1].contains("pairs.jsonl:4: invalid JSON"),
+            "{:?}",
+            r.skipped
+        );
         let err = read_pair_dir(&dir.path().join("missing"), false).unwrap_err();
         assert!(err.to_string().contains("does not exist"), "{err}");
     }

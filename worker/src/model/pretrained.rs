@@ -43,7 +43,10 @@ pub fn load_model_with_head<B: Backend>(
         .unwrap_or(0.02) as f32;
     Llama::from_tensors_with_head(be, cfg, mode, head, |e| match e.kind {
         TensorKind::Base if e.name == SCORE_WEIGHT && !files.contains(SCORE_WEIGHT) => {
-            tracing::info!(std = init_std, "score head not in the model dir: initialised");
+            tracing::info!(
+                std = init_std,
+                "score head not in the model dir: initialised"
+            );
             let normal = rand_distr::Normal::new(0.0f32, init_std)?;
             Ok((0..e.slot.len)
                 .map(|_| rand_distr::Distribution::sample(&normal, &mut rng))
@@ -87,7 +90,9 @@ fn read_adapter_json(dir: &Path) -> Result<Value> {
 /// The `task_type` of a PEFT adapter dir (None when the config has none).
 pub fn read_adapter_task_type(dir: &Path) -> Result<Option<String>> {
     let v = read_adapter_json(dir)?;
-    Ok(v.get("task_type").and_then(Value::as_str).map(str::to_string))
+    Ok(v.get("task_type")
+        .and_then(Value::as_str)
+        .map(str::to_string))
 }
 
 /// Read a PEFT `adapter_config.json` into our LoRA settings. For a SEQ_CLS
@@ -390,7 +395,10 @@ impl<B: Backend> Llama<B> {
 /// config transformers writes for num_labels = 1: the architecture renamed,
 /// one label (`id2label`/`label2id`, from which transformers derives
 /// num_labels), and the pad token id it reads scores by.
-fn seq_cls_config(obj: &mut serde_json::Map<String, Value>, pad_token_id: Option<u32>) -> Result<()> {
+fn seq_cls_config(
+    obj: &mut serde_json::Map<String, Value>,
+    pad_token_id: Option<u32>,
+) -> Result<()> {
     let arch = obj
         .get("architectures")
         .and_then(Value::as_array)

@@ -11,6 +11,7 @@ mod init_model;
 mod launch;
 mod pt;
 mod resume;
+mod rm;
 
 use rlhf_tests::{corpus_text, Rlhf, Workspace};
 use std::path::PathBuf;

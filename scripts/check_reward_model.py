@@ -13,6 +13,12 @@ fixture batch (worker/tests/fixtures/reward/inputs.json) must equal the
 
 Or one dir: python scripts/check_reward_model.py --model DIR [--adapter DIR]
 --inputs inputs.json --scores scores.safetensors
+
+Or a whole `rlhf rm` run (2023-format pairs, no --template_name):
+python scripts/check_reward_model.py --model BASE [--adapter OUT] --pairs VALID.jsonl
+--results OUT/all_results.json — transformers scores each side alone (no
+padding) from the text "Question: q\n\nAnswer: a" tokenised with the model dir's
+tokenizer.json, and the eval loss and accuracy must equal ours.
 """
 
 from __future__ import annotations
@@ -58,6 +64,40 @@ def check(model_dir: Path, adapter: Path | None, inputs: dict, ours_file: Path) 
     return err
 
 
+def check_run(a) -> int:
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(a.model / "tokenizer.json"))
+    ours = json.loads(a.results.read_text())
+    cfg = json.loads((a.model / "config.json").read_text())
+    pad = cfg.get("pad_token_id")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(a.model), num_labels=1, pad_token_id=0 if pad is None else pad, dtype=torch.float32
+    )
+    if a.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(a.adapter))
+    model.eval()
+    losses, correct = [], []
+    for line in a.pairs.read_text().splitlines():
+        if not line.strip():
+            continue
+        p = json.loads(line)
+        s = []
+        for side in ("response_chosen", "response_rejected"):
+            text = "Question: " + p["question"] + "\n\nAnswer: " + p[side]
+            ids = torch.tensor([tok(text)["input_ids"]])
+            with torch.no_grad():
+                s.append(model(input_ids=ids).logits[0, 0])
+        losses.append(-torch.nn.functional.logsigmoid(s[0] - s[1]).item())
+        correct.append(float(s[0] > s[1]))
+    loss, acc = sum(losses) / len(losses), sum(correct) / len(correct)
+    print(f"transformers eval_loss {loss:.8f} accuracy {acc}; ours {ours['eval_loss']:.8f} {ours['eval_accuracy']}")
+    ok = abs(loss - ours["eval_loss"]) <= a.tol and acc == ours["eval_accuracy"]
+    return 0 if ok else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", nargs="?", type=Path, help="RLHF_REWARD_CHECK_OUT of the Rust test")
@@ -66,7 +106,11 @@ def main() -> int:
     ap.add_argument("--inputs", type=Path, default=FIXTURES / "reward" / "inputs.json")
     ap.add_argument("--scores", type=Path)
     ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--pairs", type=Path)
+    ap.add_argument("--results", type=Path)
     a = ap.parse_args()
+    if a.pairs is not None:
+        return check_run(a)
     inputs = json.loads(a.inputs.read_text())
     errs = []
     if a.model is not None:

@@ -246,3 +246,63 @@ fn bad_pairs_stop_the_run_naming_file_line_and_field_unless_skipped() {
     );
     printed.assert_stderr_has(&["pairs.jsonl:10:", "ending with a human turn"]);
 }
+
+/// The losses of each step of a 6-step LoRA `rlhf rm` with `extra` flags,
+/// on the fake CUDA libraries when `fake` is given.
+fn rm_losses(s: &RmSetup, out: &str, extra: &[&str], fake: Option<&Path>) -> Vec<f64> {
+    let out = s.ws.path(out);
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"));
+    c.arg("rm")
+        .arg("--model_name_or_path")
+        .arg(&s.model)
+        .arg("--train_file_dir")
+        .arg(&s.train)
+        .arg("--validation_file_dir")
+        .arg(&s.valid)
+        .arg("--output_dir")
+        .arg(&out)
+        .args(["--max_steps", "6", "--per_device_train_batch_size", "4"])
+        .args(["--learning_rate", "2e-3", "--logging_steps", "1"])
+        .args(["--save_steps", "100"])
+        .args(extra)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG");
+    if let Some(dir) = fake {
+        crate::cuda_emu::use_fake(&mut c, dir);
+    }
+    let o = c.output().expect("running rlhf");
+    assert!(
+        o.status.success(),
+        "rlhf rm {extra:?} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    train_lines(&read_jsonl(&out.join("metrics.jsonl")))
+        .iter()
+        .map(|v| num(v, "loss"))
+        .collect()
+}
+
+/// The score head on the CUDA backend (emulated GPU, see cuda_emu.rs):
+/// its gathers, skinny GEMMs and scatters give the CPU's losses.
+#[test]
+fn lora_rm_on_emulated_cuda_matches_cpu() {
+    let Some(fake) = crate::cuda_emu::fake_libraries("lora_rm_on_emulated_cuda_matches_cpu") else {
+        return;
+    };
+    let s = rm_setup();
+    let want = rm_losses(&s, "cpu", &["--device", "cpu"], None);
+    assert_eq!(want.len(), 6, "{want:?}");
+    for (name, flags, tol) in [
+        ("f32", &["--device", "cuda"][..], 1e-4),
+        ("bf16", &["--device", "cuda", "--bf16", "true"][..], 3e-2),
+    ] {
+        let got = rm_losses(&s, name, flags, Some(&fake));
+        let e = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs() / w.abs().max(1e-12))
+            .fold(0.0, f64::max);
+        eprintln!("[{name}] cpu {want:.5?}\n       cuda {got:.5?}\n       max rel diff {e:.2e}");
+        assert!(e <= tol, "[{name}] loss rel diff {e:.3e} > {tol:.0e}");
+    }
+}

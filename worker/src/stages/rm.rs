@@ -391,6 +391,11 @@ pub fn run_dist<B: Backend>(
     );
 
     let mode = args.model.train_mode()?;
+    if let crate::model::TrainMode::Lora(l) = &mode {
+        if l.modules_to_save.iter().any(|m| m == "lm_head") {
+            bail!("modules_to_save lm_head: a reward model has no lm_head (its score head is always trained in full)");
+        }
+    }
     let mut model = load_model_with_head(
         be,
         &args.model.model_name_or_path,

@@ -423,3 +423,142 @@ fn gradient_checkpointing_gives_identical_score_gradients() {
     assert!(all[0].iter().any(|&g| g != 0.0));
     assert_eq!(all[0], all[1]);
 }
+
+/// An in-process all-reduce between threads: each rank deposits its values,
+/// rank order sums them, every rank reads the sum.
+struct ThreadAllReduce {
+    rank: usize,
+    world: usize,
+    shared: std::sync::Arc<(std::sync::Mutex<Vec<Vec<f32>>>, std::sync::Barrier)>,
+}
+
+impl rlhf_worker::collective::HostAllReduce for ThreadAllReduce {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_sum_host(&mut self, data: &mut [f32]) -> anyhow::Result<()> {
+        let (slots, barrier) = &*self.shared;
+        slots.lock().unwrap()[self.rank] = data.to_vec();
+        barrier.wait();
+        {
+            let s = slots.lock().unwrap();
+            for (i, x) in data.iter_mut().enumerate() {
+                *x = (0..self.world).map(|r| s[r][i]).sum();
+            }
+        }
+        barrier.wait();
+        Ok(())
+    }
+}
+
+#[derive(clap::Parser)]
+struct RmCli {
+    #[command(flatten)]
+    args: rlhf_worker::stages::rm::RmArgs,
+}
+
+/// `rlhf rm` as one rank with batch 4, and as two ranks with batch 2 each
+/// (same global batch): the same losses, evaluation and adapter.
+#[test]
+fn two_data_parallel_ranks_train_what_one_rank_trains() {
+    use clap::Parser;
+    use rlhf_worker::stages::rm::{run_dist, RmArgs};
+    let ws = tempfile::tempdir().unwrap();
+    let d = ws.path();
+    let mut lines = String::new();
+    let mut corpus = String::new();
+    for i in 0..20 {
+        let (q, good, bad) = (
+            format!("What helps with symptom {}?", i % 5),
+            ["Rest and fluids.", "See a doctor soon."][i % 2],
+            ["Nothing.", "No idea."][i % 2],
+        );
+        lines.push_str(&format!(
+            "{{\"question\": \"{q}\", \"response_chosen\": \"{good}\", \"response_rejected\": \"{bad}\"}}\n"
+        ));
+        corpus.push_str(&format!("Question: {q}\n\nAnswer: {good} {bad}\n"));
+    }
+    std::fs::create_dir_all(d.join("data")).unwrap();
+    std::fs::write(d.join("data/pairs.jsonl"), lines).unwrap();
+    std::fs::write(d.join("corpus.txt"), corpus.repeat(10)).unwrap();
+    let init = rlhf_worker::init_model::InitModelArgs {
+        vocab_size: 300,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: 128,
+        ..Default::default()
+    };
+    rlhf_worker::init_model::init_model(&[d.join("corpus.txt")], &d.join("model"), &init).unwrap();
+    let args = |out: &str, bs: &str| -> RmArgs {
+        let (m, data, o) = (d.join("model"), d.join("data"), d.join(out));
+        RmCli::parse_from([
+            "rm".as_ref(),
+            "--model_name_or_path".as_ref(),
+            m.as_os_str(),
+            "--train_file_dir".as_ref(),
+            data.as_os_str(),
+            "--output_dir".as_ref(),
+            o.as_os_str(),
+            "--validation_split_percentage".as_ref(),
+            "20".as_ref(),
+            "--per_device_train_batch_size".as_ref(),
+            bs.as_ref(),
+            "--per_device_eval_batch_size".as_ref(),
+            "1".as_ref(),
+            "--max_steps".as_ref(),
+            "4".as_ref(),
+            "--learning_rate".as_ref(),
+            "2e-3".as_ref(),
+            "--logging_steps".as_ref(),
+            "1".as_ref(),
+            "--lora_dropout".as_ref(),
+            "0.1".as_ref(),
+        ])
+        .args
+    };
+    let one = rlhf_worker::stages::rm::run(&args("one", "4")).unwrap();
+    let shared = std::sync::Arc::new((
+        std::sync::Mutex::new(vec![Vec::new(); 2]),
+        std::sync::Barrier::new(2),
+    ));
+    let two: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                let a = args("two", "2");
+                let shared = shared.clone();
+                s.spawn(move || {
+                    let mut c = rlhf_worker::collective::ViaHost(ThreadAllReduce {
+                        rank,
+                        world: 2,
+                        shared,
+                    });
+                    run_dist(Cpu, &a, &mut c, Some(4), &mut rlhf_worker::train::NoHooks).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        (one.summary.global_step, two[0].summary.global_step),
+        (4, 4)
+    );
+    let (e1, e2) = (one.summary.eval.unwrap(), two[0].summary.eval.unwrap());
+    assert_eq!(e1.pairs, 4);
+    assert_eq!(e2.pairs, 4, "the ranks' evaluations add up");
+    assert!((e1.loss - e2.loss).abs() < 1e-5, "{e1:?} vs {e2:?}");
+    assert_eq!(e1.accuracy, e2.accuracy);
+    assert!((one.summary.train_loss - two[0].summary.train_loss).abs() < 1e-5);
+    let a = TensorFiles::open_files(&[d.join("one/adapter_model.safetensors")]).unwrap();
+    let b = TensorFiles::open_files(&[d.join("two/adapter_model.safetensors")]).unwrap();
+    for name in a.names() {
+        let (x, y) = (read(&a, name), read(&b, name));
+        assert!(max_abs_diff(&x, &y) < 1e-5, "{name}");
+    }
+    assert!(a.names().count() > 0);
+}

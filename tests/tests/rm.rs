@@ -247,6 +247,17 @@ fn bad_pairs_stop_the_run_naming_file_line_and_field_unless_skipped() {
     printed.assert_stderr_has(&["pairs.jsonl:10:", "ending with a human turn"]);
 }
 
+#[test]
+fn a_template_name_is_refused_until_templates_are_wired() {
+    let s = rm_setup();
+    let out = s.ws.path("out");
+    rm(&s, &out)
+        .opt("--template_name", "qwen")
+        .fails()
+        .assert_stderr_has(&["--template_name \"qwen\"", "Question: ...\\n\\nAnswer: ..."]);
+    assert_no_partial_outputs(&out);
+}
+
 /// The losses of each step of a 6-step LoRA `rlhf rm` with `extra` flags,
 /// on the fake CUDA libraries when `fake` is given.
 fn rm_losses(s: &RmSetup, out: &str, extra: &[&str], fake: Option<&Path>) -> Vec<f64> {

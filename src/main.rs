@@ -30,6 +30,8 @@ enum Command {
     Pt(stages::pt::PtArgs),
     /// Supervised fine-tuning on ShareGPT/Alpaca conversations (MedicalGPT supervised_finetuning.py).
     Sft(stages::sft::SftArgs),
+    /// Reward modelling on preference pairs: a scalar score head, pairwise loss (MedicalGPT reward_modeling.py).
+    Rm(stages::rm::RmArgs),
     /// Loss and perplexity of a model (+ adapter) on a text file, as JSON.
     Eval(stages::eval::EvalArgs),
     /// Merge a PEFT LoRA adapter into its base model: a plain HF model dir (MedicalGPT merge_peft_adapter.py).
@@ -127,6 +129,29 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(e) = r.summary.eval {
                 out["eval_loss"] = e.loss.into();
                 out["perplexity"] = e.perplexity.into();
+            }
+            println!("{out}");
+        }
+        Command::Rm(args) => {
+            let r = stages::rm::run(&args)?;
+            let mut out = serde_json::json!({
+                "global_step": r.summary.global_step,
+                "train_loss": r.summary.train_loss,
+                "train_pairs": r.train_pairs,
+                "eval_pairs": r.eval_pairs,
+                "skipped_invalid": r.skipped_invalid,
+                "filtered_too_long": r.too_long,
+                "tokens_per_sec": r.summary.tokens_per_sec,
+                "output_dir": args.training.output_dir,
+            });
+            if let Some(e) = r.initial_eval {
+                out["initial_eval_loss"] = e.loss.into();
+                out["initial_eval_accuracy"] = e.accuracy.into();
+            }
+            if let Some(e) = r.summary.eval {
+                out["eval_loss"] = e.loss.into();
+                out["eval_accuracy"] = e.accuracy.into();
+                out["eval_mean_margin"] = e.mean_margin.into();
             }
             println!("{out}");
         }

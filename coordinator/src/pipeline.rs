@@ -39,17 +39,25 @@ pub enum StageKind {
     Pt,
     /// Supervised fine-tuning on conversations (`rlhf sft`).
     Sft,
+    /// Reward modelling on preference pairs (`rlhf rm`).
+    Rm,
 }
 
 impl StageKind {
     /// Every kind, in the order error messages list them.
-    pub const ALL: [StageKind; 3] = [StageKind::Demo, StageKind::Pt, StageKind::Sft];
+    pub const ALL: [StageKind; 4] = [
+        StageKind::Demo,
+        StageKind::Pt,
+        StageKind::Sft,
+        StageKind::Rm,
+    ];
 
     pub fn as_str(&self) -> &'static str {
         match self {
             StageKind::Demo => "demo",
             StageKind::Pt => "pt",
             StageKind::Sft => "sft",
+            StageKind::Rm => "rm",
         }
     }
 
@@ -66,6 +74,7 @@ impl StageKind {
         match self {
             StageKind::Pt => rlhf_worker::stages::pt::PtArgs::augment_args(cmd),
             StageKind::Sft => rlhf_worker::stages::sft::SftArgs::augment_args(cmd),
+            StageKind::Rm => rlhf_worker::stages::rm::RmArgs::augment_args(cmd),
             StageKind::Demo => rlhf_worker::agent::DemoStageArgs::augment_args(cmd),
         }
     }

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The folder of the fake libraries, or None (SKIPPED).
-fn fake_libraries(test: &str) -> Option<PathBuf> {
+pub(crate) fn fake_libraries(test: &str) -> Option<PathBuf> {
     if let Err(e) = loader::require(loader::NVRTC) {
         if std::env::var_os("RLHF_REQUIRE_NVRTC").is_some() {
             panic!("RLHF_REQUIRE_NVRTC is set but NVRTC is unusable: {e}");
@@ -82,7 +82,7 @@ fn pt_losses(s: &crate::Setup, out: &str, extra: &[&str], fake: Option<&Path>) -
 
 /// The child (and its children) find the fake libraries first: through
 /// LD_LIBRARY_PATH (ahead of any real driver) and RLHF_CUDA_LIB_DIRS.
-fn use_fake(c: &mut Command, dir: &Path) {
+pub(crate) fn use_fake(c: &mut Command, dir: &Path) {
     let join = |var: &str| match std::env::var(var) {
         Ok(old) if !old.is_empty() => format!("{}:{old}", dir.display()),
         _ => dir.display().to_string(),

@@ -12,6 +12,7 @@ mod launch;
 mod merge;
 mod pt;
 mod resume;
+mod rm;
 mod sft;
 
 use rlhf_tests::{corpus_text, Rlhf, Workspace};

@@ -10,6 +10,7 @@ use crate::collective::server::CollectiveServer;
 use crate::collective::{Collective, Single, ViaHost};
 use crate::stages::args::Device;
 use crate::stages::pt::PtArgs;
+use crate::stages::rm::RmArgs;
 use crate::stages::sft::SftArgs;
 use crate::stages::DistStage;
 use crate::train::TrainHooks;
@@ -135,6 +136,7 @@ fn stage_device(ctx: &StageContext, a: &pb::StageAssignment) -> Result<(Device, 
     match a.stage_kind.as_str() {
         PtArgs::KIND => of::<PtArgs>(ctx, a),
         SftArgs::KIND => of::<SftArgs>(ctx, a),
+        RmArgs::KIND => of::<RmArgs>(ctx, a),
         _ => Ok((Device::Cpu, Dtype::F32)),
     }
 }
@@ -189,6 +191,7 @@ fn run_stage_blocking<B: Backend>(
         }
         PtArgs::KIND => run_training_stage::<PtArgs, B>(be, &ctx, &a, collective),
         SftArgs::KIND => run_training_stage::<SftArgs, B>(be, &ctx, &a, collective),
+        RmArgs::KIND => run_training_stage::<RmArgs, B>(be, &ctx, &a, collective),
         other => bail!("this worker does not know stage kind {other:?}"),
     }
 }

@@ -6,8 +6,11 @@
 //! `chat`: SFT conversations (ShareGPT / Alpaca files), checked and normalised.
 //! `template`: MedicalGPT's named chat templates and Jinja `chat_template`s.
 //! `sft`: conversations → input_ids/labels with prompt masking.
+//!
+//! `reward`: the RM stage's preference pairs (MedicalGPT's three formats).
 
 pub mod chat;
 pub mod pretrain;
+pub mod reward;
 pub mod sft;
 pub mod template;

@@ -6,7 +6,7 @@
 //!   x_mid = x + o(a) ; h2 = rmsnorm(x_mid) ; x_out = x_mid + down(silu(gate(h2)) * up(h2))
 
 use super::config::ModelConfig;
-use super::params::{Layout, Linear, Slot, TrainMode};
+use super::params::{Head, Layout, Linear, Slot, TrainMode};
 use super::rope;
 use anyhow::{bail, Context, Result};
 use rlhf_kernels::{AttnShape, Backend, Gemm, LoraDropout, LoraShape, Precision};
@@ -74,7 +74,8 @@ struct Work<B: Backend> {
     blocks: Vec<BlockActs<B>>,
     hf: B::Buf,     // [N,C] final rmsnorm
     rstdf: B::Buf,  // [N]
-    logits: B::Buf, // [N,V], overwritten by its gradient
+    logits: B::Buf, // [N,V], overwritten by its gradient; empty with the score head
+    score: ScoreActs<B>,
     // backward scratch
     dres: B::Buf,  // [N,C] gradient of the residual stream
     dh: B::Buf,    // [N,C]
@@ -88,6 +89,40 @@ struct Work<B: Backend> {
     /// LoRA scratch: dropout(x) / dropped gradient [N, max(in)], and [N, r]
     lora_x: B::Buf,
     lora_dxa: B::Buf,
+}
+
+/// The score head's buffers (all empty with the causal-LM head).
+struct ScoreActs<B: Backend> {
+    /// Row of hf (b·T + t) each sequence's reward is read at: [B].
+    rows: Vec<usize>,
+    pooled: B::Buf,  // [B,C] hf at `rows`
+    scores: B::Buf,  // [B] (= [B,1]) pooled · scoreᵀ, then overwritten by dscores
+    dpooled: B::Buf, // [B,C]
+}
+
+/// Where transformers' `*ForSequenceClassification` reads each row's score:
+/// the rightmost position whose token is not `pad_token_id`
+/// (`argmax(arange(T) * (ids != pad))`, so 0 for a row of pads only), which
+/// handles left and right padding alike. Without a pad token only a batch of
+/// one row is accepted, read at its last position.
+pub fn last_non_pad_positions(
+    input_ids: &[u32], // [B,T]
+    b: usize,
+    t: usize,
+    pad_token_id: Option<u32>,
+) -> Result<Vec<usize>> {
+    match pad_token_id {
+        None if b != 1 => bail!("cannot score a batch of {b} rows without a pad token id"),
+        None => Ok(vec![t - 1]),
+        Some(pad) => Ok((0..b)
+            .map(|r| {
+                input_ids[r * t..(r + 1) * t]
+                    .iter()
+                    .rposition(|&id| id != pad)
+                    .unwrap_or(0)
+            })
+            .collect()),
+    }
 }
 
 /// Statistics of one forward(/backward).
@@ -193,9 +228,20 @@ impl<B: Backend> Llama<B> {
         be: B,
         cfg: ModelConfig,
         mode: TrainMode,
+        load: impl FnMut(&super::params::TensorEntry) -> Result<Vec<f32>>,
+    ) -> Result<Self> {
+        Self::from_tensors_with_head(be, cfg, mode, Head::CausalLm, load)
+    }
+
+    /// [`Self::from_tensors`] with the given output head.
+    pub fn from_tensors_with_head(
+        be: B,
+        cfg: ModelConfig,
+        mode: TrainMode,
+        head: Head,
         mut load: impl FnMut(&super::params::TensorEntry) -> Result<Vec<f32>>,
     ) -> Result<Self> {
-        let layout = Layout::new(&cfg, &mode);
+        let layout = Layout::with_head(&cfg, &mode, head);
         let mut frozen = vec![0f32; layout.frozen_len];
         let mut train = vec![0f32; layout.train_len];
         for e in &layout.tensors {
@@ -324,6 +370,11 @@ impl<B: Backend> Llama<B> {
             .map(|_| be.zeros(n * c, Precision::Compute))
             .collect::<Result<Vec<_>, _>>()?;
         let has_lora = r > 0;
+        // Only the head in use gets its buffers: vocab logits are the largest of all.
+        let (n_logits, n_pooled, n_scores) = match self.layout.head {
+            Head::CausalLm => (n * v, 0, 0),
+            Head::Score => (0, b * c, b),
+        };
         self.acts = Some(Acts {
             b,
             t,
@@ -332,7 +383,13 @@ impl<B: Backend> Llama<B> {
                 blocks,
                 hf: be.zeros(n * c, Precision::Compute)?,
                 rstdf: be.zeros(n, Precision::F32)?,
-                logits: be.zeros(n * v, Precision::Compute)?,
+                logits: be.zeros(n_logits, Precision::Compute)?,
+                score: ScoreActs {
+                    rows: Vec::new(),
+                    pooled: be.zeros(n_pooled, Precision::Compute)?,
+                    scores: be.zeros(n_scores, Precision::Compute)?,
+                    dpooled: be.zeros(n_pooled, Precision::Compute)?,
+                },
                 dres: be.zeros(n * c, Precision::Compute)?,
                 dh: be.zeros(n * c, Precision::Compute)?,
                 dq: be.zeros(n * qd, Precision::Compute)?,
@@ -397,6 +454,7 @@ impl<B: Backend> Llama<B> {
         batch: &Batch,
         want_logits: bool,
     ) -> Result<(LossStats, Option<Vec<f32>>)> {
+        self.require_head(Head::CausalLm)?;
         self.check_batch(batch)?;
         self.ensure_rope(batch.t)?;
         self.ensure_acts(batch.b, batch.t)?;
@@ -421,6 +479,7 @@ impl<B: Backend> Llama<B> {
         grad_scale: f32,
         dropout_seed: Option<u64>,
     ) -> Result<LossStats> {
+        self.require_head(Head::CausalLm)?;
         self.check_batch(batch)?;
         self.ensure_rope(batch.t)?;
         self.ensure_acts(batch.b, batch.t)?;
@@ -428,6 +487,59 @@ impl<B: Backend> Llama<B> {
         let stats = self.loss(batch, Some(grad_scale))?;
         self.run_backward(batch, dropout_seed)?;
         Ok(stats)
+    }
+
+    fn require_head(&self, head: Head) -> Result<()> {
+        if self.layout.head != head {
+            bail!(
+                "this model has the {:?} head; the call needs the {head:?} head",
+                self.layout.head
+            );
+        }
+        Ok(())
+    }
+
+    /// Score head forward: one scalar per row [B], read at each row's last
+    /// token that is not the config's `pad_token_id` (see
+    /// [`last_non_pad_positions`]). Keeps the activations for
+    /// [`Self::score_backward`] of the same batch with the same `dropout_seed`.
+    pub fn score_forward(&mut self, batch: &Batch, dropout_seed: Option<u64>) -> Result<Vec<f32>> {
+        self.require_head(Head::Score)?;
+        self.check_batch(batch)?;
+        let rows =
+            last_non_pad_positions(&batch.input_ids, batch.b, batch.t, self.cfg.pad_token_id)?;
+        self.ensure_rope(batch.t)?;
+        self.ensure_acts(batch.b, batch.t)?;
+        let acts = self.acts.as_mut().context("activations")?;
+        acts.w.score.rows = rows
+            .iter()
+            .enumerate()
+            .map(|(r, &p)| r * batch.t + p)
+            .collect();
+        self.run_forward(batch, dropout_seed)?;
+        let acts = self.acts.as_ref().context("activations")?;
+        Ok(self.be.download(all(&self.be, &acts.w.score.scores))?)
+    }
+
+    /// Score head backward after [`Self::score_forward`] of the same batch:
+    /// gradients of `dscores` [B] are ADDED into `self.grads`.
+    pub fn score_backward(
+        &mut self,
+        batch: &Batch,
+        dscores: &[f32],
+        dropout_seed: Option<u64>,
+    ) -> Result<()> {
+        self.require_head(Head::Score)?;
+        let acts = self.acts.as_mut().context("activations")?;
+        if acts.b != batch.b || acts.t != batch.t || acts.w.score.rows.len() != batch.b {
+            bail!("score_backward without a score_forward of this batch");
+        }
+        if dscores.len() != batch.b {
+            bail!("{} score gradients for {} rows", dscores.len(), batch.b);
+        }
+        self.be
+            .write(all_mut(&self.be, &mut acts.w.score.scores), dscores)?;
+        self.run_backward(batch, dropout_seed)
     }
 
     pub fn zero_grads(&mut self) -> Result<()> {
@@ -498,12 +610,32 @@ impl<B: Backend> Llama<B> {
             cfg.rms_norm_eps,
         )?;
         let n = batch.b * batch.t;
-        be.gemm(
-            all_mut(be, &mut acts.w.logits),
-            all(be, &acts.w.hf),
-            w.get(layout.lm_head),
-            Gemm::linear(n, cfg.vocab_size, c),
-        )?;
+        match (layout.lm_head, layout.score) {
+            (Some(lm_head), _) => be.gemm(
+                all_mut(be, &mut acts.w.logits),
+                all(be, &acts.w.hf),
+                w.get(lm_head),
+                Gemm::linear(n, cfg.vocab_size, c),
+            )?,
+            (None, Some(score)) => {
+                // Gather each row's scoring position, then scores[B,1] = pooled · scoreᵀ:
+                // the head never runs on the other positions.
+                let sa = &mut acts.w.score;
+                for (r, &row) in sa.rows.iter().enumerate() {
+                    be.copy(
+                        be.view_mut(&mut sa.pooled, r * c..(r + 1) * c),
+                        be.view(&acts.w.hf, row * c..(row + 1) * c),
+                    )?;
+                }
+                be.gemm(
+                    all_mut(be, &mut sa.scores),
+                    all(be, &sa.pooled),
+                    w.get(score),
+                    Gemm::linear(batch.b, 1, c),
+                )?;
+            }
+            (None, None) => bail!("the model has no output head"),
+        }
         Ok(())
     }
 
@@ -545,22 +677,28 @@ impl<B: Backend> Llama<B> {
         };
         let (n, c, v) = (batch.b * batch.t, cfg.hidden_size, cfg.vocab_size);
         let nl = cfg.num_hidden_layers;
+        if let Some(score) = layout.score {
+            score_head_backward(be, &w, grads, score, &mut acts.w, batch.b, c)?;
+        }
         // lm_head: logits[N,V] = hf[N,C] · Wᵀ
-        be.gemm(
-            all_mut(be, &mut acts.w.dh),
-            all(be, &acts.w.logits),
-            w.get(layout.lm_head),
-            Gemm {
-                m: n,
-                n: c,
-                k: v,
-                trans_a: false,
-                trans_b: false,
-                alpha: 1.0,
-                accumulate: false,
-            },
-        )?;
-        if let Some(dw) = grad(be, grads, layout.lm_head) {
+        let lm_head = layout.lm_head;
+        if let Some(lm_head) = lm_head {
+            be.gemm(
+                all_mut(be, &mut acts.w.dh),
+                all(be, &acts.w.logits),
+                w.get(lm_head),
+                Gemm {
+                    m: n,
+                    n: c,
+                    k: v,
+                    trans_a: false,
+                    trans_b: false,
+                    alpha: 1.0,
+                    accumulate: false,
+                },
+            )?;
+        }
+        if let Some(dw) = lm_head.and_then(|s| grad(be, grads, s)) {
             be.gemm(
                 dw,
                 all(be, &acts.w.logits),
@@ -618,6 +756,60 @@ impl<B: Backend> Llama<B> {
         }
         Ok(())
     }
+}
+
+/// The score head's backward: from dscores (in `acts.score.scores`, [B]) to
+/// d score [1,C] and dh [N,C] (zero except at the scoring rows).
+fn score_head_backward<B: Backend>(
+    be: &B,
+    w: &W<'_, B>,
+    grads: &mut B::Buf,
+    score: Slot,
+    acts: &mut Work<B>,
+    b: usize,
+    c: usize,
+) -> Result<()> {
+    let sa = &mut acts.score;
+    // dpooled[B,C] = dscores[B,1] · score[1,C]
+    be.gemm(
+        all_mut(be, &mut sa.dpooled),
+        all(be, &sa.scores),
+        w.get(score),
+        Gemm {
+            m: b,
+            n: c,
+            k: 1,
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            accumulate: false,
+        },
+    )?;
+    // d score[1,C] += dscoresᵀ[1,B] · pooled[B,C]
+    if let Some(dw) = grad(be, grads, score) {
+        be.gemm(
+            dw,
+            all(be, &sa.scores),
+            all(be, &sa.pooled),
+            Gemm {
+                m: 1,
+                n: c,
+                k: b,
+                trans_a: true,
+                trans_b: false,
+                alpha: 1.0,
+                accumulate: true,
+            },
+        )?;
+    }
+    be.fill(all_mut(be, &mut acts.dh), 0.0)?;
+    for (r, &row) in sa.rows.iter().enumerate() {
+        be.copy(
+            be.view_mut(&mut acts.dh, row * c..(row + 1) * c),
+            be.view(&sa.dpooled, r * c..(r + 1) * c),
+        )?;
+    }
+    Ok(())
 }
 
 /// Positions 0..T for every row (transformers' default position_ids).

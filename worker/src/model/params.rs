@@ -87,6 +87,21 @@ impl LoraConfig {
     }
 }
 
+/// The output head on top of the final norm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Head {
+    /// `lm_head` [V, C] (or the tied embedding): next-token logits (`*ForCausalLM`).
+    #[default]
+    CausalLm,
+    /// `score` [1, C], no bias: one scalar per sequence, read at its last
+    /// non-padding token (`*ForSequenceClassification` with num_labels = 1).
+    /// Trained in full in LoRA mode too (PEFT SEQ_CLS puts it in modules_to_save).
+    Score,
+}
+
+/// Name of the sequence-classification head's weight in a transformers model dir.
+pub const SCORE_WEIGHT: &str = "score.weight";
+
 /// What is trained.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TrainMode {
@@ -151,8 +166,12 @@ impl Block {
 pub struct Layout {
     pub embed: Slot, // [V, C]
     pub blocks: Vec<Block>,
-    pub norm: Slot,    // [C]
-    pub lm_head: Slot, // [V, C]; the same slot as `embed` when tied
+    pub norm: Slot, // [C]
+    pub head: Head,
+    /// [V, C]; the same slot as `embed` when tied. None with the score head.
+    pub lm_head: Option<Slot>,
+    /// [1, C] with the score head.
+    pub score: Option<Slot>,
     pub tensors: Vec<TensorEntry>,
     pub frozen_len: usize,
     pub train_len: usize,
@@ -237,7 +256,12 @@ impl Builder<'_> {
 }
 
 impl Layout {
+    /// The causal-LM layout.
     pub fn new(cfg: &ModelConfig, mode: &TrainMode) -> Layout {
+        Self::with_head(cfg, mode, Head::CausalLm)
+    }
+
+    pub fn with_head(cfg: &ModelConfig, mode: &TrainMode, head: Head) -> Layout {
         let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let mut b = Builder {
             mode,
@@ -315,16 +339,25 @@ impl Layout {
             });
         }
         let norm = b.base("model.norm.weight".into(), vec![c], None);
-        let lm_head = if cfg.tie_word_embeddings {
-            embed
-        } else {
-            b.base("lm_head.weight".into(), vec![v, c], Some("lm_head"))
+        let (lm_head, score) = match head {
+            Head::CausalLm if cfg.tie_word_embeddings => (Some(embed), None),
+            Head::CausalLm => (
+                Some(b.base("lm_head.weight".into(), vec![v, c], Some("lm_head"))),
+                None,
+            ),
+            // Trainable in both modes: fully, or as a PEFT SEQ_CLS module to save.
+            Head::Score => (
+                None,
+                Some(b.push(SCORE_WEIGHT.into(), vec![1, c], true, TensorKind::Base)),
+            ),
         };
         Layout {
             embed,
             blocks,
             norm,
+            head,
             lm_head,
+            score,
             tensors: b.tensors,
             frozen_len: b.frozen_len,
             train_len: b.train_len,

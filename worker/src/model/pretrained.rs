@@ -2,7 +2,7 @@
 
 use super::config::ModelConfig;
 use super::llama::Llama;
-use super::params::{LoraConfig, TensorKind, TrainMode};
+use super::params::{Head, LoraConfig, TensorKind, TrainMode, SCORE_WEIGHT};
 use super::weights::{save_tensors, NamedTensor, SaveDtype, TensorFiles};
 use crate::fsutil::write_json_atomic;
 use anyhow::{bail, Context, Result};
@@ -18,10 +18,40 @@ pub const PEFT_PREFIX: &str = "base_model.model.";
 /// (kaiming-uniform, a=√5: U(−1/√in, 1/√in)) from `seed`; B starts at zero;
 /// modules_to_save start as copies of the base weights.
 pub fn load_model<B: Backend>(be: B, dir: &Path, mode: TrainMode, seed: u64) -> Result<Llama<B>> {
+    load_model_with_head(be, dir, mode, Head::CausalLm, seed)
+}
+
+/// [`load_model`] with the given head. With [`Head::Score`] the dir may be a
+/// causal LM (its lm_head is ignored and `score` is new, drawn as transformers
+/// does: N(0, initializer_range²), from `seed`) or a `*ForSequenceClassification`
+/// model with its `score.weight`.
+pub fn load_model_with_head<B: Backend>(
+    be: B,
+    dir: &Path,
+    mode: TrainMode,
+    head: Head,
+    seed: u64,
+) -> Result<Llama<B>> {
     let cfg = ModelConfig::load(dir)?;
     let files = TensorFiles::open_model_dir(dir)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    Llama::from_tensors(be, cfg, mode, |e| match e.kind {
+    let init_std = cfg
+        .raw
+        .get("initializer_range")
+        .and_then(Value::as_f64)
+        .filter(|s| *s > 0.0)
+        .unwrap_or(0.02) as f32;
+    Llama::from_tensors_with_head(be, cfg, mode, head, |e| match e.kind {
+        TensorKind::Base if e.name == SCORE_WEIGHT && !files.contains(SCORE_WEIGHT) => {
+            tracing::info!(
+                std = init_std,
+                "score head not in the model dir: initialised"
+            );
+            let normal = rand_distr::Normal::new(0.0f32, init_std)?;
+            Ok((0..e.slot.len)
+                .map(|_| rand_distr::Distribution::sample(&normal, &mut rng))
+                .collect())
+        }
         TensorKind::Base => files.read_f32(&e.name, &e.shape),
         TensorKind::LoraA => {
             let bound = 1.0 / (e.shape[1] as f32).sqrt();
@@ -34,13 +64,44 @@ pub fn load_model<B: Backend>(be: B, dir: &Path, mode: TrainMode, seed: u64) -> 
     .with_context(|| format!("loading the model in {}", dir.display()))
 }
 
-/// Read a PEFT `adapter_config.json` into our LoRA settings.
-pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
+/// PEFT's task type of a causal-LM adapter and of a reward-model (score head) adapter.
+pub const TASK_CAUSAL_LM: &str = "CAUSAL_LM";
+pub const TASK_SEQ_CLS: &str = "SEQ_CLS";
+
+/// The modules PEFT adds to modules_to_save of every SEQ_CLS adapter
+/// (`PeftModelForSequenceClassification`); of these our models have `score`.
+const SEQ_CLS_MODULES: [&str; 2] = ["classifier", "score"];
+
+/// The PEFT task type of the head.
+pub fn peft_task_type(head: Head) -> &'static str {
+    match head {
+        Head::CausalLm => TASK_CAUSAL_LM,
+        Head::Score => TASK_SEQ_CLS,
+    }
+}
+
+fn read_adapter_json(dir: &Path) -> Result<Value> {
     let path = dir.join("adapter_config.json");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let v: Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// The `task_type` of a PEFT adapter dir (None when the config has none).
+pub fn read_adapter_task_type(dir: &Path) -> Result<Option<String>> {
+    let v = read_adapter_json(dir)?;
+    Ok(v.get("task_type")
+        .and_then(Value::as_str)
+        .map(str::to_string))
+}
+
+/// Read a PEFT `adapter_config.json` into our LoRA settings. For a SEQ_CLS
+/// adapter, the classifier/score entries PEFT adds to modules_to_save are
+/// implied by the score head and not listed in the result.
+pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
+    let path = dir.join("adapter_config.json");
+    let v = read_adapter_json(dir)?;
+    let seq_cls = v.get("task_type").and_then(Value::as_str) == Some(TASK_SEQ_CLS);
     let ctx = || format!("in {}", path.display());
     if let Some(t) = v.get("peft_type").and_then(Value::as_str) {
         if t != "LORA" {
@@ -82,6 +143,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
         Some(Value::Array(a)) => Some(
             a.iter()
                 .filter_map(Value::as_str)
+                .filter(|m| !(seq_cls && SEQ_CLS_MODULES.contains(m)))
                 .collect::<Vec<_>>()
                 .join(","),
         ),
@@ -190,6 +252,21 @@ impl<B: Backend> Llama<B> {
         let TrainMode::Lora(mine) = &self.mode else {
             bail!("cannot load an adapter into a full fine-tuning model")
         };
+        let task = read_adapter_task_type(dir)?;
+        let want = peft_task_type(self.layout.head);
+        // An adapter without a task type is taken as a causal-LM one.
+        if task.as_deref().unwrap_or(TASK_CAUSAL_LM) != want {
+            bail!(
+                "adapter in {} has task_type {:?}, but this model needs a {want} adapter{}",
+                dir.display(),
+                task.unwrap_or_default(),
+                if want == TASK_SEQ_CLS {
+                    " (a reward model's, with its score head)"
+                } else {
+                    ""
+                }
+            );
+        }
         let theirs = read_adapter_config(dir)?;
         if theirs.r != mine.r
             || theirs.target_modules != mine.target_modules
@@ -223,15 +300,20 @@ impl<B: Backend> Llama<B> {
             SaveDtype::F32,
             Some([("format".to_string(), "pt".to_string())].into()),
         )?;
+        // PEFT lists classifier and score for every SEQ_CLS adapter.
+        let mut modules_to_save = l.modules_to_save.clone();
+        if self.layout.head == Head::Score {
+            modules_to_save.extend(SEQ_CLS_MODULES.iter().map(|m| m.to_string()));
+        }
         let config = json!({
             "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
+            "task_type": peft_task_type(self.layout.head),
             "base_model_name_or_path": base_model_name_or_path,
             "r": l.r,
             "lora_alpha": crate::fsutil::json_f32(l.alpha),
             "lora_dropout": crate::fsutil::json_f32(l.dropout),
             "target_modules": l.target_modules,
-            "modules_to_save": if l.modules_to_save.is_empty() { Value::Null } else { json!(l.modules_to_save) },
+            "modules_to_save": if modules_to_save.is_empty() { Value::Null } else { json!(modules_to_save) },
             "bias": "none",
             "fan_in_fan_out": false,
             "inference_mode": true,
@@ -301,7 +383,55 @@ impl<B: Backend> Llama<B> {
             if obj.contains_key("dtype") {
                 obj.insert("dtype".into(), json!(dtype.torch_name()));
             }
+            if self.layout.head == Head::Score {
+                seq_cls_config(obj, self.cfg.pad_token_id)?;
+            }
         }
         write_json_atomic(&dir.join("config.json"), &config)
     }
+}
+
+/// Turn a causal-LM config.json into the `*ForSequenceClassification`
+/// config transformers writes for num_labels = 1: the architecture renamed,
+/// one label (`id2label`/`label2id`, from which transformers derives
+/// num_labels), and the pad token id it reads scores by.
+fn seq_cls_config(
+    obj: &mut serde_json::Map<String, Value>,
+    pad_token_id: Option<u32>,
+) -> Result<()> {
+    let arch = obj
+        .get("architectures")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let model_type = obj
+        .get("model_type")
+        .and_then(Value::as_str)
+        .unwrap_or("llama")
+        .to_string();
+    let base = match arch.as_deref() {
+        Some(a) => a
+            .strip_suffix("ForCausalLM")
+            .or_else(|| a.strip_suffix("ForSequenceClassification"))
+            .unwrap_or(a)
+            .to_string(),
+        None => match model_type.as_str() {
+            "qwen2" => "Qwen2".into(),
+            "mistral" => "Mistral".into(),
+            _ => "Llama".into(),
+        },
+    };
+    obj.insert(
+        "architectures".into(),
+        json!([format!("{base}ForSequenceClassification")]),
+    );
+    obj.insert("id2label".into(), json!({"0": "LABEL_0"}));
+    obj.insert("label2id".into(), json!({"LABEL_0": 0}));
+    obj.remove("num_labels");
+    let Some(pad) = pad_token_id else {
+        bail!("a reward model needs a pad_token_id to find each sequence's last token; none is set")
+    };
+    obj.insert("pad_token_id".into(), json!(pad));
+    Ok(())
 }

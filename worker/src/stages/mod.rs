@@ -5,6 +5,7 @@
 pub mod args;
 pub mod eval;
 pub mod pt;
+pub mod rm;
 pub mod sft;
 
 use crate::collective::Collective;
@@ -63,6 +64,23 @@ impl DistStage for sft::SftArgs {
         hooks: &mut dyn TrainHooks,
     ) -> Result<(bool, serde_json::Value)> {
         let r = sft::run_dist(be, self, collective, global_batch, hooks)?;
+        Ok((r.summary.finished, r.results))
+    }
+}
+
+impl DistStage for rm::RmArgs {
+    const KIND: &'static str = "rm";
+    fn training(&self) -> &args::TrainingArgs {
+        &self.training
+    }
+    fn run_rank<B: Backend>(
+        &self,
+        be: B,
+        collective: &mut dyn Collective<B>,
+        global_batch: Option<usize>,
+        hooks: &mut dyn TrainHooks,
+    ) -> Result<(bool, serde_json::Value)> {
+        let r = rm::run_dist(be, self, collective, global_batch, hooks)?;
         Ok((r.summary.finished, r.results))
     }
 }

@@ -1,6 +1,8 @@
-//! The causal-LM training loop shared by the stages: deterministic epoch
-//! order, gradient accumulation normalised by the tokens of the whole optimizer
-//! step, clipping, AdamW, schedules, logging, evaluation, checkpoints, resume.
+//! The training loop shared by the stages: deterministic epoch order,
+//! gradient accumulation normalised over the whole optimizer step, clipping,
+//! AdamW, schedules, logging, evaluation, checkpoints, resume. What is
+//! minimised is an [`Objective`]: the causal-LM loss over token samples
+//! ([`CausalLm`]), or another (the reward model's pairwise loss).
 
 use super::checkpoint::{self, TrainerState};
 use super::loss_scale::LossScaler;
@@ -135,13 +137,110 @@ impl Default for TrainArgs {
 
 /// What a finished run reports.
 #[derive(Clone, Debug, PartialEq)]
-pub struct TrainSummary {
+pub struct TrainSummary<E = EvalResult> {
     pub global_step: u64,
     /// false when stopped early by `stop_after_steps`.
     pub finished: bool,
     pub train_loss: f64,
-    pub eval: Option<EvalResult>,
+    pub eval: Option<E>,
     pub tokens_per_sec: f64,
+}
+
+/// An evaluation's result, as the trainer logs it.
+pub trait EvalReport: Clone + std::fmt::Debug {
+    /// The loss (for logs and the coordinator).
+    fn loss(&self) -> f64;
+    /// Its metrics.jsonl fields (an object; "step" is added).
+    fn fields(&self) -> serde_json::Value;
+}
+
+impl EvalReport for EvalResult {
+    fn loss(&self) -> f64 {
+        self.loss
+    }
+    fn fields(&self) -> serde_json::Value {
+        json!({"eval_loss": self.loss, "perplexity": self.perplexity, "eval_tokens": self.tokens})
+    }
+}
+
+/// One micro-batch's forward/backward, as an [`Objective`] reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MicroStats {
+    /// The un-normalised loss: summed over the micro-batch's units.
+    pub loss_sum: f64,
+    /// Token positions computed (rows × padded length), for throughput.
+    pub tokens: usize,
+}
+
+/// What the trainer minimises over items of some kind. The loss of an
+/// optimizer step is Σ loss / Σ weight over the step's items (on all ranks),
+/// so accumulation and data parallelism give the mean over the whole step.
+pub trait Objective<B: Backend> {
+    type Item;
+    type Eval: EvalReport;
+    /// The item's share of the step's loss normaliser (predicted tokens for
+    /// the causal LM, 1 per preference pair for the reward model).
+    fn weight(&self, item: &Self::Item) -> usize;
+    /// Forward + backward of one micro-batch: gradients of `grad_scale` ×
+    /// the summed loss are ADDED into the model's gradients. `keys` are the
+    /// items' dataset indices (LoRA dropout masks depend on them only).
+    fn forward_backward(
+        &self,
+        model: &mut Llama<B>,
+        items: &[&Self::Item],
+        keys: &[u64],
+        grad_scale: f32,
+        dropout_seed: u64,
+    ) -> Result<MicroStats>;
+    /// Evaluate `items` across the ranks (rank r takes every world-th batch).
+    fn evaluate(
+        &self,
+        model: &mut Llama<B>,
+        items: &[Self::Item],
+        batch_size: usize,
+        collective: &mut dyn Collective<B>,
+    ) -> Result<Self::Eval>;
+}
+
+/// Causal language modelling on token samples: the mean cross-entropy over
+/// predicted tokens, rows right-padded with `pad_id`.
+pub struct CausalLm {
+    pub pad_id: u32,
+}
+
+impl<B: Backend> Objective<B> for CausalLm {
+    type Item = Sample;
+    type Eval = EvalResult;
+
+    fn weight(&self, item: &Sample) -> usize {
+        item.predicted_tokens()
+    }
+
+    fn forward_backward(
+        &self,
+        model: &mut Llama<B>,
+        items: &[&Sample],
+        keys: &[u64],
+        grad_scale: f32,
+        dropout_seed: u64,
+    ) -> Result<MicroStats> {
+        let batch = collate_keyed(items, keys, self.pad_id);
+        let stats = model.forward_backward(&batch, grad_scale, Some(dropout_seed))?;
+        Ok(MicroStats {
+            loss_sum: stats.loss_sum,
+            tokens: batch.b * batch.t,
+        })
+    }
+
+    fn evaluate(
+        &self,
+        model: &mut Llama<B>,
+        items: &[Sample],
+        batch_size: usize,
+        collective: &mut dyn Collective<B>,
+    ) -> Result<EvalResult> {
+        evaluate_sharded(model, items, batch_size, self.pad_id, collective)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -195,7 +294,7 @@ pub fn evaluate_sharded<B: Backend>(
 
 /// Sum a few host scalars over ranks (f32 on the wire: for logging and counts
 /// below 2^24 per rank).
-fn sum_over_ranks<B: Backend, const N: usize>(
+pub fn sum_over_ranks<B: Backend, const N: usize>(
     model: &Llama<B>,
     collective: &mut dyn Collective<B>,
     values: [f64; N],
@@ -321,6 +420,28 @@ pub fn train_dist<B: Backend>(
     save_weights: &dyn Fn(&Llama<B>, &Path) -> Result<()>,
     dist: &mut Dist<'_, B>,
 ) -> Result<TrainSummary> {
+    train_objective(
+        model,
+        &CausalLm { pad_id },
+        train,
+        eval,
+        args,
+        save_weights,
+        dist,
+    )
+}
+
+/// [`train_dist`] for any [`Objective`]: the same order, accumulation,
+/// schedule, optimizer, checkpoints and resume, whatever the items are.
+pub fn train_objective<B: Backend, O: Objective<B>>(
+    model: &mut Llama<B>,
+    objective: &O,
+    train: &[O::Item],
+    eval: &[O::Item],
+    args: &TrainArgs,
+    save_weights: &dyn Fn(&Llama<B>, &Path) -> Result<()>,
+    dist: &mut Dist<'_, B>,
+) -> Result<TrainSummary<O::Eval>> {
     if train.is_empty() {
         bail!("no training samples");
     }
@@ -431,11 +552,11 @@ pub fn train_dist<B: Backend>(
         let in_epoch = (step % steps_per_epoch) as usize;
         let step_samples =
             &order[in_epoch * global_batch..((in_epoch + 1) * global_batch).min(train.len())];
-        let step_tokens: usize = step_samples
+        let step_weight: usize = step_samples
             .iter()
-            .map(|&i| train[i].predicted_tokens())
+            .map(|&i| objective.weight(&train[i]))
             .sum();
-        if step_tokens == 0 {
+        if step_weight == 0 {
             bail!("optimizer step {step} has no tokens to predict");
         }
         dist.hooks.check_continue()?;
@@ -446,16 +567,17 @@ pub fn train_dist<B: Backend>(
         let dropout_seed = args.seed ^ (step + 1).wrapping_mul(0xA24B_AED4_963E_E407);
         for range in rank_micro_batches(step_samples.len(), bs, micros_per_step, rank, world) {
             let idx = &step_samples[range];
-            let refs: Vec<&Sample> = idx.iter().map(|&i| &train[i]).collect();
+            let refs: Vec<&O::Item> = idx.iter().map(|&i| &train[i]).collect();
             let keys: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
-            let batch = collate_keyed(&refs, &keys, pad_id);
-            let stats = model.forward_backward(
-                &batch,
-                scaler.scale / step_tokens as f32,
-                Some(dropout_seed),
+            let stats = objective.forward_backward(
+                model,
+                &refs,
+                &keys,
+                scaler.scale / step_weight as f32,
+                dropout_seed,
             )?;
             loss_sum += stats.loss_sum;
-            local_tokens += batch.b * batch.t;
+            local_tokens += stats.tokens;
         }
         if world > 1 {
             let n = model.layout.train_len;
@@ -479,7 +601,7 @@ pub fn train_dist<B: Backend>(
         }
         let grad_norm = grad_norm.unwrap_or(f64::NAN);
         step += 1;
-        let loss = loss_sum / step_tokens as f64;
+        let loss = loss_sum / step_weight as f64;
         if !loss.is_finite() {
             bail!("loss became {loss} at step {step}; lower the learning rate or check the data");
         }
@@ -521,7 +643,7 @@ pub fn train_dist<B: Backend>(
             && args.eval_steps.is_some_and(|e| e > 0 && step % e == 0)
             && step < total_steps
         {
-            let r = eval_and_log(model, eval, args, pad_id, dist, metrics.as_mut(), step)?;
+            let r = eval_and_log(model, objective, eval, args, dist, metrics.as_mut(), step)?;
             if is_main {
                 dist.hooks.on_log(&LogRecord {
                     step,
@@ -530,7 +652,7 @@ pub fn train_dist<B: Backend>(
                     learning_rate: lr,
                     grad_norm,
                     tokens_per_sec: tps,
-                    eval_loss: Some(r.loss),
+                    eval_loss: Some(r.loss()),
                 })?;
             }
             last_eval = Some(r);
@@ -587,9 +709,9 @@ pub fn train_dist<B: Backend>(
     } else {
         Some(eval_and_log(
             model,
+            objective,
             eval,
             args,
-            pad_id,
             dist,
             metrics.as_mut(),
             step,
@@ -605,31 +727,30 @@ pub fn train_dist<B: Backend>(
 }
 
 /// Evaluate across the ranks; rank 0 (the one with `metrics`) logs it.
-fn eval_and_log<B: Backend>(
+fn eval_and_log<B: Backend, O: Objective<B>>(
     model: &mut Llama<B>,
-    eval: &[Sample],
+    objective: &O,
+    eval: &[O::Item],
     args: &TrainArgs,
-    pad_id: u32,
     dist: &mut Dist<'_, B>,
     metrics: Option<&mut Metrics>,
     step: u64,
-) -> Result<EvalResult> {
-    let r = evaluate_sharded(
+) -> Result<O::Eval> {
+    let r = objective.evaluate(
         model,
         eval,
         args.per_device_eval_batch_size,
-        pad_id,
         dist.collective,
     )?;
     if let Some(m) = metrics {
-        log_eval(m, step, &r)?;
+        let mut line = json!({ "step": step });
+        if let (Some(obj), serde_json::Value::Object(fields)) = (line.as_object_mut(), r.fields()) {
+            obj.extend(fields);
+        }
+        tracing::info!(step, fields = %r.fields(), "eval");
+        m.write(&line)?;
     }
     Ok(r)
-}
-
-fn log_eval(metrics: &mut Metrics, step: u64, r: &EvalResult) -> Result<()> {
-    tracing::info!(step, eval_loss = r.loss, perplexity = r.perplexity, "eval");
-    metrics.write(&json!({"step": step, "eval_loss": r.loss, "perplexity": r.perplexity, "eval_tokens": r.tokens}))
 }
 
 #[cfg(test)]

@@ -960,6 +960,22 @@ impl<B: Backend> Backend for Prof<B> {
             self.inner.attention_forward(out, lse, q, k, v, key_mask, s)
         })
     }
+    fn attention_kv_forward(
+        &self,
+        out: B::ViewMut<'_>,
+        q: B::View<'_>,
+        k_cache: B::View<'_>,
+        v_cache: B::View<'_>,
+        key_mask: &[u8],
+        s: rlhf_kernels::backend::KvAttnShape,
+    ) -> rlhf_kernels::backend::Result<()> {
+        // 2 GEMM-like products of TQ·LEN·HD per head (causal half ignored).
+        let flops = 4.0 * (s.b * s.nh * s.tq * s.keys() * s.hd) as f64;
+        self.time("attention_kv_forward", flops, || {
+            self.inner
+                .attention_kv_forward(out, q, k_cache, v_cache, key_mask, s)
+        })
+    }
     fn attention_backward(
         &self,
         dq: B::ViewMut<'_>,

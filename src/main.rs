@@ -30,6 +30,8 @@ enum Command {
     Pt(stages::pt::PtArgs),
     /// Loss and perplexity of a model (+ adapter) on a text file, as JSON.
     Eval(stages::eval::EvalArgs),
+    /// Completions for a file of prompts (KV cache; greedy or sampled), as JSON lines.
+    Generate(stages::generate::GenerateArgs),
     /// Make a small random Llama model dir with a BPE tokenizer trained on a corpus.
     #[command(name = "init-model")]
     InitModel(InitModelCli),
@@ -104,6 +106,20 @@ fn run(cli: Cli) -> Result<()> {
             println!("{out}");
         }
         Command::Eval(args) => println!("{}", stages::eval::run(&args)?),
+        Command::Generate(args) => {
+            let r = stages::generate::run(&args)?;
+            let t = r.timings;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "prompts": r.prompts,
+                    "generated_tokens": r.generated_tokens,
+                    "prefill_tokens_per_sec": stages::generate::per_s(t.prefill_tokens, t.prefill_s),
+                    "decode_tokens_per_sec": stages::generate::per_s(t.decode_tokens, t.decode_s),
+                    "output_file": args.output_file,
+                })
+            );
+        }
         Command::InitModel(a) => {
             let args = InitModelArgs {
                 vocab_size: a.vocab_size,

@@ -4,6 +4,7 @@
 
 pub mod args;
 pub mod eval;
+pub mod generate;
 pub mod pt;
 
 use crate::model::params::TrainMode;

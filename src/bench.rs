@@ -81,6 +81,16 @@ pub struct BenchArgs {
     /// (adds a clock read per op, so the step is a little slower). CPU only.
     #[arg(long = "profile")]
     pub profile: bool,
+    /// Instead of training: generation with the KV cache, prefill and decode
+    /// tokens/s at batch 1 and 8 (--steps rounds, --warmup untimed; greedy).
+    #[arg(long = "generate")]
+    pub generate: bool,
+    /// --generate: prompt tokens per row.
+    #[arg(long = "prompt_len", default_value_t = 128)]
+    pub prompt_len: usize,
+    /// --generate: new tokens per row (no EOS).
+    #[arg(long = "gen_tokens", default_value_t = 128)]
+    pub gen_tokens: usize,
     /// cpu, cuda or cuda:N.
     #[arg(long = "device", default_value = "cpu")]
     pub device: Device,
@@ -316,6 +326,20 @@ fn threads() -> usize {
 
 pub fn run(a: &BenchArgs) -> Result<()> {
     let s = setup(a)?;
+    if a.generate {
+        return match a.device {
+            Device::Cpu => crate::bench_generate::run(a, &s, &mut build(Cpu, &s, a.seed)?),
+            Device::Cuda(n) => {
+                let dt = if a.bf16 {
+                    rlhf_kernels::cuda::Dtype::Bf16
+                } else {
+                    rlhf_kernels::cuda::Dtype::F32
+                };
+                let be = rlhf_kernels::cuda::Cuda::new(n, dt)?;
+                crate::bench_generate::run(a, &s, &mut build(be, &s, a.seed)?)
+            }
+        };
+    }
     if let Device::Cuda(ordinal) = a.device {
         return crate::bench_cuda::run(a, &s, ordinal);
     }

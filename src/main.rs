@@ -4,6 +4,7 @@
 mod bench;
 mod bench_allreduce;
 mod bench_cuda;
+mod bench_generate;
 mod demo;
 mod launch;
 mod run;

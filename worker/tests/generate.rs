@@ -5,13 +5,13 @@
 
 use rlhf_kernels::Cpu;
 use rlhf_worker::model::generate::{
-    generate, FinishReason, GenerationConfig, Generated, Step, TextStream,
+    generate, numbered_word_tokenizer, FinishReason, GenerationConfig, Generated, Step,
+    TextStream,
 };
 use rlhf_worker::model::pretrained::{load_model, read_adapter_config};
 use rlhf_worker::model::{Batch, Llama, TrainMode};
 use rlhf_worker::tokenizer::{train_byte_level_bpe, Tokenizer};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -29,18 +29,9 @@ fn model(case: &str, adapter: bool) -> Llama<Cpu> {
     }
 }
 
-/// The fixture models have no tokenizer: token i is the word "t{i}", and
-/// decoding joins words with spaces.
+/// The fixture models have no tokenizer: token i is the word "t{i}".
 fn word_tokenizer(vocab: usize) -> Tokenizer {
-    let words: Vec<String> = (0..vocab).map(|i| format!("\"t{i}\":{i}")).collect();
-    let json = format!(
-        r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
-        "normalizer":null,"pre_tokenizer":{{"type":"WhitespaceSplit"}},"post_processor":null,
-        "decoder":null,"model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"t0"}}}}"#,
-        words.join(",")
-    );
-    let inner = tokenizers::Tokenizer::from_str(&json).unwrap();
-    Tokenizer::from_parts(inner, None, None, None).unwrap()
+    numbered_word_tokenizer(vocab).unwrap()
 }
 
 fn greedy(max_new_tokens: usize) -> GenerationConfig {

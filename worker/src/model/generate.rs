@@ -170,6 +170,23 @@ impl GenerationConfig {
     }
 }
 
+/// A word-level tokenizer for a model that has none (benchmarks, tests on
+/// the tokenizer-less fixture models): token i is the word "t{i}", and
+/// decoding joins words with spaces.
+pub fn numbered_word_tokenizer(vocab: usize) -> Result<Tokenizer> {
+    use std::str::FromStr;
+    let words: Vec<String> = (0..vocab).map(|i| format!("\"t{i}\":{i}")).collect();
+    let json = format!(
+        r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+        "normalizer":null,"pre_tokenizer":{{"type":"WhitespaceSplit"}},"post_processor":null,
+        "decoder":null,"model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"t0"}}}}"#,
+        words.join(",")
+    );
+    let inner = tokenizers::Tokenizer::from_str(&json)
+        .map_err(|e| anyhow::anyhow!("building a word-level tokenizer: {e}"))?;
+    Tokenizer::from_parts(inner, None, None, None)
+}
+
 /// Why a row stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -1107,7 +1107,20 @@ mod tests {
             bf16: false,
             fp16: false,
             lora_linear: false,
+            generate: false,
+            prompt_len: 8,
+            gen_tokens: 4,
         }
+    }
+
+    /// The generation bench runs and counts B·(N−1) decode tokens per round
+    /// (it fails otherwise), with LoRA adapters unmerged.
+    #[test]
+    fn generation_bench_runs_on_the_tiny_model() {
+        let mut a = args(BenchModel::Tiny, BenchMode::Lora);
+        a.generate = true;
+        a.warmup = 1;
+        run(&a).unwrap();
     }
 
     #[test]

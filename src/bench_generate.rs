@@ -44,7 +44,11 @@ pub fn run<B: Backend>(a: &BenchArgs, s: &Setup, model: &mut Llama<B>) -> Result
         for round in 0..a.warmup + a.steps {
             let (_, t) = generate_timed(model, &tok, &prompts, &cfg, &mut |_, _| {})?;
             if t.decode_tokens != b * (n - 1) {
-                bail!("expected {} decode tokens, got {}", b * (n - 1), t.decode_tokens);
+                bail!(
+                    "expected {} decode tokens, got {}",
+                    b * (n - 1),
+                    t.decode_tokens
+                );
             }
             if round >= a.warmup {
                 pre.push(t.prefill_tokens as f64 / t.prefill_s);

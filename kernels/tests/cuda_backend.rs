@@ -25,8 +25,8 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rlhf_kernels::backend::dropout_keep;
-use rlhf_kernels::cuda::{Cuda, CudaBuf, CudaView, CudaViewMut, Dtype};
 use rlhf_kernels::backend::KvAttnShape;
+use rlhf_kernels::cuda::{Cuda, CudaBuf, CudaView, CudaViewMut, Dtype};
 use rlhf_kernels::{AdamW, AttnShape, Backend, Cpu, Gemm, LoraDropout, LoraShape, Precision};
 use std::path::Path;
 use std::sync::OnceLock;

@@ -22,7 +22,11 @@ fn generate_writes_one_json_line_per_prompt_in_order() {
     let summary = r.json();
     let lines = read_jsonl(&out);
     assert_eq!(lines.len(), 3, "{lines:?}");
-    let want_prompts = ["the patient", "a long prompt about the doctor and the clinic", "x"];
+    let want_prompts = [
+        "the patient",
+        "a long prompt about the doctor and the clinic",
+        "x",
+    ];
     let mut total = 0.0;
     for (line, want) in lines.iter().zip(want_prompts) {
         assert_eq!(line["prompt"], want);
@@ -93,13 +97,22 @@ fn bad_prompts_files_are_errors_naming_file_and_line() {
             .opt("--max_new_tokens", "2")
             .fails()
     };
-    let p = s.ws.write("bad.jsonl", "{\"prompt\": \"ok\"}\n{\"text\": \"no prompt\"}\n");
+    let p = s.ws.write(
+        "bad.jsonl",
+        "{\"prompt\": \"ok\"}\n{\"text\": \"no prompt\"}\n",
+    );
     gen(&p).assert_stderr_has(&["bad.jsonl:2", "\"prompt\""]);
-    let p = s.ws.write("notjson.jsonl", "{\"prompt\": \"ok\"}\n{\"prompt\": \"a\",\n");
+    let p = s.ws.write(
+        "notjson.jsonl",
+        "{\"prompt\": \"ok\"}\n{\"prompt\": \"a\",\n",
+    );
     gen(&p).assert_stderr_has(&["notjson.jsonl:2", "JSON"]);
     let p = s.ws.write("num.jsonl", "{\"prompt\": 7}\n");
     gen(&p).assert_stderr_has(&["num.jsonl:1", "must be a string"]);
-    let p = s.ws.write("empty.jsonl", "{\"prompt\": \"ok\"}\n{\"prompt\": \"  \"}\n");
+    let p = s.ws.write(
+        "empty.jsonl",
+        "{\"prompt\": \"ok\"}\n{\"prompt\": \"  \"}\n",
+    );
     gen(&p).assert_stderr_has(&["empty.jsonl:2", "empty"]);
     let p = s.ws.write("blank.txt", "first\n\nthird\n");
     gen(&p).assert_stderr_has(&["blank.txt:2", "empty"]);

@@ -5,8 +5,7 @@
 
 use rlhf_kernels::Cpu;
 use rlhf_worker::model::generate::{
-    generate, numbered_word_tokenizer, FinishReason, GenerationConfig, Generated, Step,
-    TextStream,
+    generate, numbered_word_tokenizer, FinishReason, Generated, GenerationConfig, Step, TextStream,
 };
 use rlhf_worker::model::pretrained::{load_model, read_adapter_config};
 use rlhf_worker::model::{Batch, Llama, TrainMode};
@@ -75,7 +74,10 @@ fn greedy_generation_matches_transformers_token_for_token() {
     };
     for case in cases {
         let name = case["name"].as_str().unwrap();
-        let mut m = model(case["model"].as_str().unwrap(), case["adapter"].as_bool().unwrap());
+        let mut m = model(
+            case["model"].as_str().unwrap(),
+            case["adapter"].as_bool().unwrap(),
+        );
         let tok = word_tokenizer(m.cfg.vocab_size);
         let prompts = ids(&case["prompts"]);
         let expected = ids(&case["expected"]);
@@ -98,7 +100,11 @@ fn greedy_generation_matches_transformers_token_for_token() {
                 FinishReason::Length
             };
             assert_eq!(g.finish_reason, reason, "{name}: row {r}");
-            assert_eq!(g.text, tok.decode(&g.token_ids, true).unwrap(), "{name}: row {r}");
+            assert_eq!(
+                g.text,
+                tok.decode(&g.token_ids, true).unwrap(),
+                "{name}: row {r}"
+            );
             assert_eq!(streamed[r], g.text, "{name}: row {r} streamed text");
         }
         // The EOS cases really stop a row early.
@@ -124,10 +130,18 @@ fn kv_cache_logits_equal_full_recompute_each_step() {
         let flat = |rows: &[Vec<u32>], from: usize| -> Vec<u32> {
             rows.iter().flat_map(|r| r[from..].to_vec()).collect()
         };
-        let positions =
-            |from: usize, n: usize| -> Vec<u32> { (0..b).flat_map(|_| from as u32..(from + n) as u32).collect() };
+        let positions = |from: usize, n: usize| -> Vec<u32> {
+            (0..b)
+                .flat_map(|_| from as u32..(from + n) as u32)
+                .collect()
+        };
         let mut cached = m
-            .forward_cached(&mut cache, &flat(&rows, 0), &vec![1; b * t0], &positions(0, t0))
+            .forward_cached(
+                &mut cache,
+                &flat(&rows, 0),
+                &vec![1; b * t0],
+                &positions(0, t0),
+            )
             .unwrap();
         for step in 0..steps {
             let t = t0 + step;
@@ -168,7 +182,11 @@ fn kv_cache_logits_equal_full_recompute_each_step() {
 }
 
 fn prompts() -> Vec<Vec<u32>> {
-    vec![vec![1, 10, 20, 30, 40], vec![1, 50, 60], vec![1, 5, 9, 13, 17, 21, 25]]
+    vec![
+        vec![1, 10, 20, 30, 40],
+        vec![1, 50, 60],
+        vec![1, 5, 9, 13, 17, 21, 25],
+    ]
 }
 
 #[test]
@@ -186,11 +204,24 @@ fn sampling_is_reproducible_with_a_seed() {
     let (a, _) = run(&mut m, &tok, &prompts(), &cfg);
     let (b, _) = run(&mut m, &tok, &prompts(), &cfg);
     assert_eq!(a, b, "same seed, same completions");
-    let (c, _) = run(&mut m, &tok, &prompts(), &GenerationConfig { seed: 8, ..cfg.clone() });
+    let (c, _) = run(
+        &mut m,
+        &tok,
+        &prompts(),
+        &GenerationConfig {
+            seed: 8,
+            ..cfg.clone()
+        },
+    );
     assert_ne!(a, c, "another seed, other completions");
     // top_k = 1 leaves only the argmax: sampling then equals greedy.
     let (g, _) = run(&mut m, &tok, &prompts(), &greedy(12));
-    let (k1, _) = run(&mut m, &tok, &prompts(), &GenerationConfig { top_k: 1, ..cfg });
+    let (k1, _) = run(
+        &mut m,
+        &tok,
+        &prompts(),
+        &GenerationConfig { top_k: 1, ..cfg },
+    );
     assert_eq!(g, k1);
 }
 
@@ -201,7 +232,11 @@ fn stop_string_ends_a_row_and_is_cut_from_its_text() {
     let (free, _) = run(&mut m, &tok, &prompts(), &greedy(12));
     // Row 0's fourth token's word as the stop string (first occurrence).
     let stop_tok = free[0].token_ids[3];
-    let first = free[0].token_ids.iter().position(|&t| t == stop_tok).unwrap();
+    let first = free[0]
+        .token_ids
+        .iter()
+        .position(|&t| t == stop_tok)
+        .unwrap();
     let stop = format!("t{stop_tok}");
     let cfg = GenerationConfig {
         stop_strings: vec![stop.clone()],
@@ -212,7 +247,11 @@ fn stop_string_ends_a_row_and_is_cut_from_its_text() {
     assert_eq!(row.finish_reason, FinishReason::Stop);
     assert_eq!(row.token_ids, free[0].token_ids[..=first]);
     let before = tok.decode(&free[0].token_ids[..first], true).unwrap();
-    let want = if before.is_empty() { String::new() } else { format!("{before} ") };
+    let want = if before.is_empty() {
+        String::new()
+    } else {
+        format!("{before} ")
+    };
     assert_eq!(row.text, want, "text cut before {stop:?}");
     assert!(!streamed[0].contains(&stop), "the stop string was streamed");
     assert_eq!(streamed[0], row.text);
@@ -228,8 +267,14 @@ fn stop_string_ends_a_row_and_is_cut_from_its_text() {
 fn empty_prompt_is_an_error() {
     let mut m = model("llama_gqa", false);
     let tok = word_tokenizer(m.cfg.vocab_size);
-    let err = generate(&mut m, &tok, &[vec![1, 2], vec![]], &greedy(4), &mut |_, _| {})
-        .unwrap_err();
+    let err = generate(
+        &mut m,
+        &tok,
+        &[vec![1, 2], vec![]],
+        &greedy(4),
+        &mut |_, _| {},
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("prompt 1 has no tokens"), "{err}");
 }
 
@@ -249,7 +294,10 @@ fn streaming_never_splits_a_utf8_character() {
         }
     }
     chunks.push(s.finish());
-    assert!(ids.len() > 12, "characters should span several tokens: {ids:?}");
+    assert!(
+        ids.len() > 12,
+        "characters should span several tokens: {ids:?}"
+    );
     assert!(chunks.iter().all(|c| !c.contains('\u{FFFD}')), "{chunks:?}");
     assert_eq!(chunks.concat(), "你好 hello 世界! 🙂");
     // A stop string spanning tokens is found and held back until decided.

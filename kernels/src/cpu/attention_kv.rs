@@ -178,7 +178,15 @@ mod tests {
     use crate::cpu::testutil::{assert_close, rng, to64, uniform};
     use crate::KernelError;
 
-    fn shape(b: usize, tq: usize, cap: usize, start: usize, nh: usize, nkv: usize, hd: usize) -> KvAttnShape {
+    fn shape(
+        b: usize,
+        tq: usize,
+        cap: usize,
+        start: usize,
+        nh: usize,
+        nkv: usize,
+        hd: usize,
+    ) -> KvAttnShape {
         KvAttnShape {
             b,
             tq,
@@ -212,7 +220,11 @@ mod tests {
             let mut r = rng(seed);
             let nq = s.b * s.tq * s.nh * s.hd;
             let nk = s.b * s.cap * s.nkv * s.hd;
-            let (q, k, v) = (uniform(&mut r, nq), uniform(&mut r, nk), uniform(&mut r, nk));
+            let (q, k, v) = (
+                uniform(&mut r, nq),
+                uniform(&mut r, nk),
+                uniform(&mut r, nk),
+            );
             let m = mask(s);
             let mut out = vec![f32::NAN; nq];
             forward(&mut out, &q, &k, &v, &m, s).unwrap();
@@ -248,7 +260,9 @@ mod tests {
         let prefill = 8;
         let step = |start: usize, tq: usize| {
             let s = shape(b, tq, t, start, nh, nkv, hd);
-            let qs: Vec<f32> = (0..b).flat_map(|bi| q[qrow(bi, start, tq)].to_vec()).collect();
+            let qs: Vec<f32> = (0..b)
+                .flat_map(|bi| q[qrow(bi, start, tq)].to_vec())
+                .collect();
             let m: Vec<u8> = (0..b)
                 .flat_map(|bi| full_mask[bi * t..bi * t + start + tq].to_vec())
                 .collect();
@@ -272,12 +286,19 @@ mod tests {
     #[test]
     fn bad_shapes_are_errors() {
         let s = shape(1, 2, 3, 2, 2, 1, 4); // 2 + 2 > capacity 3
-        let err = forward(&mut [0.0; 16], &[0.0; 16], &[0.0; 12], &[0.0; 12], &[1; 4], s)
-            .unwrap_err();
+        let err = forward(
+            &mut [0.0; 16],
+            &[0.0; 16],
+            &[0.0; 12],
+            &[0.0; 12],
+            &[1; 4],
+            s,
+        )
+        .unwrap_err();
         assert!(matches!(err, KernelError::Shape { .. }), "{err}");
         let s = shape(1, 1, 3, 2, 2, 1, 4);
-        let err = forward(&mut [0.0; 8], &[0.0; 8], &[0.0; 12], &[0.0; 12], &[1; 2], s)
-            .unwrap_err();
+        let err =
+            forward(&mut [0.0; 8], &[0.0; 8], &[0.0; 12], &[0.0; 12], &[1; 2], s).unwrap_err();
         assert!(err.to_string().contains("key_mask"), "{err}");
     }
 }

@@ -30,7 +30,10 @@ pub(super) fn forward(
     if s.hd > MAX_HD {
         return Err(shape_err(
             OP,
-            format!("head dim {} > {MAX_HD} is not supported by the CUDA kernel", s.hd),
+            format!(
+                "head dim {} > {MAX_HD} is not supported by the CUDA kernel",
+                s.hd
+            ),
         ));
     }
     let dt = out.dtype;

@@ -7,7 +7,7 @@
 //! here yet: `prompt_text` below is where a template would wrap each prompt.
 
 use super::args::{parse_bool, Device};
-use crate::model::generate::{generate_timed, GenTimings, GenerationConfig, Generated};
+use crate::model::generate::{generate_timed, GenTimings, Generated, GenerationConfig};
 use crate::model::pretrained::{load_model, read_adapter_config};
 use crate::model::TrainMode;
 use crate::tokenizer::Tokenizer;
@@ -93,11 +93,11 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
                 .with_context(|| format!("{}: not a JSON object", at()))?;
             match v.get("prompt") {
                 Some(Value::String(s)) => s.clone(),
-                Some(other) => bail!(
-                    "{}: field \"prompt\" must be a string, got {other}",
+                Some(other) => bail!("{}: field \"prompt\" must be a string, got {other}", at()),
+                None => bail!(
+                    "{}: missing field \"prompt\" (expected {{\"prompt\": \"...\"}})",
                     at()
                 ),
-                None => bail!("{}: missing field \"prompt\" (expected {{\"prompt\": \"...\"}})", at()),
             }
         } else {
             line.to_string()
@@ -216,8 +216,10 @@ fn generate_on<B: Backend>(
         },
     );
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} prompts  {msg}  [{elapsed_precise} < {eta_precise}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} prompts  {msg}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut all = Vec::with_capacity(ids.len());
     let mut total = GenTimings::default();
@@ -229,7 +231,13 @@ fn generate_on<B: Backend>(
             ..cfg.clone()
         };
         let (outs, t) = generate_timed(&mut model, tokenizer, chunk, &batch_cfg, &mut |_, _| {})
-            .with_context(|| format!("generating for prompts {}..{}", bi * args.batch_size + 1, bi * args.batch_size + chunk.len()))?;
+            .with_context(|| {
+                format!(
+                    "generating for prompts {}..{}",
+                    bi * args.batch_size + 1,
+                    bi * args.batch_size + chunk.len()
+                )
+            })?;
         total.prefill_tokens += t.prefill_tokens;
         total.prefill_s += t.prefill_s;
         total.decode_tokens += t.decode_tokens;

@@ -87,6 +87,7 @@ impl<B: Backend> Llama<B> {
     /// `cache`, and returns the logits of each row's LAST new token: [B, V].
     /// ids, mask, positions: [B, TQ] (mask 0 = padding; positions are the
     /// rotary positions, transformers' `cumsum(mask) − 1`).
+    #[allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87; MSRV is 1.85
     pub fn forward_cached(
         &mut self,
         cache: &mut KvCache<B>,
@@ -136,7 +137,11 @@ impl<B: Backend> Llama<B> {
         // [B, START+TQ] key mask of this step.
         let keys = start + tq;
         let key_mask: Vec<u8> = (0..b)
-            .flat_map(|bi| cache.mask[bi * cache.cap..bi * cache.cap + keys].iter().copied())
+            .flat_map(|bi| {
+                cache.mask[bi * cache.cap..bi * cache.cap + keys]
+                    .iter()
+                    .copied()
+            })
             .collect();
         let lora = self.lora_run(None);
         let Llama {

@@ -68,9 +68,7 @@ pub fn top_p(logits: &mut [f32], p: f32) {
 
 /// softmax in f64 (−inf logits get probability 0).
 pub fn softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
     let e: Vec<f64> = logits.iter().map(|&x| (x as f64 - max).exp()).collect();
     let z: f64 = e.iter().sum();
     e.into_iter().map(|x| x / z).collect()
@@ -182,7 +180,10 @@ mod tests {
         let mut l = [0.0f32, 2.0f32.ln() * 2.0];
         temperature(&mut l, 2.0);
         let p = softmax(&l);
-        assert!((p[0] - 1.0 / 3.0).abs() < 1e-6 && (p[1] - 2.0 / 3.0).abs() < 1e-6, "{p:?}");
+        assert!(
+            (p[0] - 1.0 / 3.0).abs() < 1e-6 && (p[1] - 2.0 / 3.0).abs() < 1e-6,
+            "{p:?}"
+        );
     }
 
     #[test]

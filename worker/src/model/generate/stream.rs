@@ -57,7 +57,11 @@ impl TextStream {
             .min();
         if let Some(at) = hit {
             self.text.truncate(at);
-            let rest = self.text.get(self.emitted.min(at)..).unwrap_or("").to_string();
+            let rest = self
+                .text
+                .get(self.emitted.min(at)..)
+                .unwrap_or("")
+                .to_string();
             self.emitted = self.text.len();
             return Ok(Step::Stopped(rest));
         }

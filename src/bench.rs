@@ -81,6 +81,16 @@ pub struct BenchArgs {
     /// (adds a clock read per op, so the step is a little slower). CPU only.
     #[arg(long = "profile")]
     pub profile: bool,
+    /// Instead of training: generation with the KV cache, prefill and decode
+    /// tokens/s at batch 1 and 8 (--steps rounds, --warmup untimed; greedy).
+    #[arg(long = "generate")]
+    pub generate: bool,
+    /// --generate: prompt tokens per row.
+    #[arg(long = "prompt_len", default_value_t = 128)]
+    pub prompt_len: usize,
+    /// --generate: new tokens per row (no EOS).
+    #[arg(long = "gen_tokens", default_value_t = 128)]
+    pub gen_tokens: usize,
     /// cpu, cuda or cuda:N.
     #[arg(long = "device", default_value = "cpu")]
     pub device: Device,
@@ -316,6 +326,20 @@ fn threads() -> usize {
 
 pub fn run(a: &BenchArgs) -> Result<()> {
     let s = setup(a)?;
+    if a.generate {
+        return match a.device {
+            Device::Cpu => crate::bench_generate::run(a, &s, &mut build(Cpu, &s, a.seed)?),
+            Device::Cuda(n) => {
+                let dt = if a.bf16 {
+                    rlhf_kernels::cuda::Dtype::Bf16
+                } else {
+                    rlhf_kernels::cuda::Dtype::F32
+                };
+                let be = rlhf_kernels::cuda::Cuda::new(n, dt)?;
+                crate::bench_generate::run(a, &s, &mut build(be, &s, a.seed)?)
+            }
+        };
+    }
     if let Device::Cuda(ordinal) = a.device {
         return crate::bench_cuda::run(a, &s, ordinal);
     }
@@ -960,6 +984,22 @@ impl<B: Backend> Backend for Prof<B> {
             self.inner.attention_forward(out, lse, q, k, v, key_mask, s)
         })
     }
+    fn attention_kv_forward(
+        &self,
+        out: B::ViewMut<'_>,
+        q: B::View<'_>,
+        k_cache: B::View<'_>,
+        v_cache: B::View<'_>,
+        key_mask: &[u8],
+        s: rlhf_kernels::backend::KvAttnShape,
+    ) -> rlhf_kernels::backend::Result<()> {
+        // 2 GEMM-like products of TQ·LEN·HD per head (causal half ignored).
+        let flops = 4.0 * (s.b * s.nh * s.tq * s.keys() * s.hd) as f64;
+        self.time("attention_kv_forward", flops, || {
+            self.inner
+                .attention_kv_forward(out, q, k_cache, v_cache, key_mask, s)
+        })
+    }
     fn attention_backward(
         &self,
         dq: B::ViewMut<'_>,
@@ -1067,7 +1107,20 @@ mod tests {
             bf16: false,
             fp16: false,
             lora_linear: false,
+            generate: false,
+            prompt_len: 8,
+            gen_tokens: 4,
         }
+    }
+
+    /// The generation bench runs and counts B·(N−1) decode tokens per round
+    /// (it fails otherwise), with LoRA adapters unmerged.
+    #[test]
+    fn generation_bench_runs_on_the_tiny_model() {
+        let mut a = args(BenchModel::Tiny, BenchMode::Lora);
+        a.generate = true;
+        a.warmup = 1;
+        run(&a).unwrap();
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_allreduce;
 mod bench_cuda;
+mod bench_generate;
 mod demo;
 mod launch;
 mod run;
@@ -36,6 +37,8 @@ enum Command {
     Eval(stages::eval::EvalArgs),
     /// Merge a PEFT LoRA adapter into its base model: a plain HF model dir (MedicalGPT merge_peft_adapter.py).
     Merge(rlhf_worker::merge::MergeArgs),
+    /// Completions for a file of prompts (KV cache; greedy or sampled), as JSON lines.
+    Generate(stages::generate::GenerateArgs),
     /// Make a small random Llama model dir with a BPE tokenizer trained on a corpus.
     #[command(name = "init-model")]
     InitModel(InitModelCli),
@@ -160,6 +163,20 @@ fn run(cli: Cli) -> Result<()> {
             "{}",
             serde_json::to_string(&rlhf_worker::merge::run(&args)?)?
         ),
+        Command::Generate(args) => {
+            let r = stages::generate::run(&args)?;
+            let t = r.timings;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "prompts": r.prompts,
+                    "generated_tokens": r.generated_tokens,
+                    "prefill_tokens_per_sec": stages::generate::per_s(t.prefill_tokens, t.prefill_s),
+                    "decode_tokens_per_sec": stages::generate::per_s(t.decode_tokens, t.decode_s),
+                    "output_file": args.output_file,
+                })
+            );
+        }
         Command::InitModel(a) => {
             let args = InitModelArgs {
                 vocab_size: a.vocab_size,

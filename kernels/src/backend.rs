@@ -61,6 +61,28 @@ pub struct AttnShape {
     pub hd: usize,
 }
 
+/// Shape of attention of new queries over a key/value cache (generation).
+/// q, out: `[B,TQ,NH,HD]`; k_cache, v_cache: `[B,CAP,NKV,HD]` (CAP: the cache's
+/// capacity in positions). Keys `0..START+TQ` of every row are filled; the
+/// TQ new queries sit at cache slots `START..START+TQ`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KvAttnShape {
+    pub b: usize,
+    pub tq: usize,
+    pub cap: usize,
+    pub start: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub hd: usize,
+}
+
+impl KvAttnShape {
+    /// Keys filled after this step: START + TQ.
+    pub fn keys(&self) -> usize {
+        self.start + self.tq
+    }
+}
+
 /// What a buffer holds, which decides its storage type on the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
@@ -260,6 +282,21 @@ pub trait Backend: Send + Sync {
         lse: Self::View<'_>,
         key_mask: Option<&[u8]>,
         s: AttnShape,
+    ) -> Result<()>;
+
+    /// Attention of TQ new queries over a key/value cache, grouped-query:
+    /// out = softmax(q·kᵀ/sqrt(HD) + masks) · v, where the query at slot
+    /// START+i of row b sees key j iff j ≤ START+i and key_mask[b, j] ≠ 0.
+    /// `key_mask`: [B, START+TQ], 0 = padding. A query with no visible key
+    /// gets out = 0. Inference only: nothing is kept for a backward.
+    fn attention_kv_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        q: Self::View<'_>,
+        k_cache: Self::View<'_>,
+        v_cache: Self::View<'_>,
+        key_mask: &[u8],
+        s: KvAttnShape,
     ) -> Result<()>;
 
     // ---- SiLU-gated MLP activation: h = silu(gate) * up ------------------

@@ -25,6 +25,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rlhf_kernels::backend::dropout_keep;
+use rlhf_kernels::backend::KvAttnShape;
 use rlhf_kernels::cuda::{Cuda, CudaBuf, CudaView, CudaViewMut, Dtype};
 use rlhf_kernels::{AdamW, AttnShape, Backend, Cpu, Gemm, LoraDropout, LoraShape, Precision};
 use std::path::Path;
@@ -1099,6 +1100,76 @@ fn attention_edge_cases_match_cpu() {
     attention_case(e, 111, shape(2, 37, 4, 2, 64), Keys::EmptySample, false);
     // Views one element into their buffers: the launcher turns 16-byte loads off.
     attention_case_at(e, 112, shape(2, 40, 4, 2, 64), Keys::Padded, false, 1);
+}
+
+/// Attention over a key/value cache: a prefill (TQ > 1, start 0) and decode
+/// steps (TQ = 1) deep into a cache with spare capacity, row 0 left-padded
+/// (its first queries see no key: out = 0), a hole in row 1, GQA groups of
+/// 2 and 3, head dims below, at and above one warp's 32 lanes. Views start
+/// one element into their buffers.
+#[test]
+fn attention_kv_matches_cpu() {
+    for (cu, tol) in backends("attention_kv_matches_cpu") {
+        let dt = cu.dtype();
+        for (seed, s) in [
+            (120, (2, 9, 12, 0, 4, 2, 16)),
+            (121, (2, 1, 40, 30, 6, 2, 64)),
+            (122, (3, 1, 8, 7, 2, 1, 33)),
+            (123, (1, 3, 70, 60, 4, 4, 128)),
+        ] {
+            let (b, tq, cap, start, nh, nkv, hd) = s;
+            let s = KvAttnShape {
+                b,
+                tq,
+                cap,
+                start,
+                nh,
+                nkv,
+                hd,
+            };
+            let len = s.keys();
+            let mut mask = vec![1u8; b * len];
+            mask[..len / 2].fill(0);
+            if b > 1 {
+                mask[len + 2] = 0;
+            }
+            let mut r = rng(seed);
+            let nq = b * tq * nh * hd;
+            let nk = b * cap * nkv * hd;
+            let (q, k, v) = (
+                random(&mut r, nq, 1.0),
+                random(&mut r, nk, 1.0),
+                random(&mut r, nk, 1.0),
+            );
+            let mut want = vec![0.0; nq];
+            Cpu.attention_kv_forward(
+                &mut want,
+                &round(dt, &q),
+                &round(dt, &k),
+                &round(dt, &v),
+                &mask,
+                s,
+            )
+            .unwrap();
+            let (qb, kb, vb) = (
+                Dev::at(&cu, &q, dt, 1),
+                Dev::at(&cu, &k, dt, 1),
+                Dev::at(&cu, &v, dt, 1),
+            );
+            let run = || {
+                let mut out = Dev::poisoned_at(&cu, nq, dt, 1);
+                cu.attention_kv_forward(out.m(), qb.v(), kb.v(), vb.v(), &mask, s)
+                    .unwrap();
+                vec![out.get()]
+            };
+            let got = deterministic(&format!("attention_kv {s:?}"), run);
+            assert_rel(&format!("attention_kv {s:?}"), &cu, &got[0], &want, tol);
+            // Row 0's first query (when it is in the padding) must be exactly 0.
+            if start < len / 2 {
+                assert!(got[0][..hd].iter().all(|&x| x == 0.0), "hidden row not 0");
+            }
+        }
+    }
 }
 
 /// Backward from the device's own forward output and lse (what training

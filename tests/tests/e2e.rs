@@ -7,6 +7,7 @@ mod cuda_emu;
 mod distributed;
 mod errors;
 mod eval;
+mod generate;
 mod init_model;
 mod launch;
 mod merge;

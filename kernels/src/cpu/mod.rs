@@ -8,6 +8,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod attention_kv;
 pub mod bias;
 pub(crate) mod check;
 pub mod cross_entropy;
@@ -24,7 +25,7 @@ pub mod swiglu;
 #[cfg(test)]
 mod testutil;
 
-use crate::backend::{AdamW, AttnShape, Backend, Gemm, Precision, Result};
+use crate::backend::{AdamW, AttnShape, Backend, Gemm, KvAttnShape, Precision, Result};
 use std::ops::Range;
 
 /// The CPU backend. Buffers are `Vec<f32>`, views are slices.
@@ -194,6 +195,17 @@ impl Backend for Cpu {
         s: AttnShape,
     ) -> Result<()> {
         attention::forward(out, lse, q, k, v, key_mask, s)
+    }
+    fn attention_kv_forward(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        key_mask: &[u8],
+        s: KvAttnShape,
+    ) -> Result<()> {
+        attention_kv::forward(out, q, k_cache, v_cache, key_mask, s)
     }
     fn attention_backward(
         &self,

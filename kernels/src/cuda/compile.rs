@@ -20,6 +20,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("rmsnorm.cu", include_str!("rmsnorm.cu")),
     ("rope.cu", include_str!("rope.cu")),
     ("attention.cu", include_str!("attention.cu")),
+    ("attention_kv.cu", include_str!("attention_kv.cu")),
     ("swiglu.cu", include_str!("swiglu.cu")),
     ("dropout.cu", include_str!("dropout.cu")),
     ("cross_entropy.cu", include_str!("cross_entropy.cu")),

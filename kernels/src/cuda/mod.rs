@@ -16,6 +16,7 @@
 
 mod adamw;
 mod attention;
+mod attention_kv;
 mod bias;
 pub mod compile;
 mod cross_entropy;
@@ -31,7 +32,9 @@ mod rmsnorm;
 mod rope;
 mod swiglu;
 
-use crate::backend::{AdamW, AttnShape, Backend, Gemm, LoraDropout, LoraShape, Precision, Result};
+use crate::backend::{
+    AdamW, AttnShape, Backend, Gemm, KvAttnShape, LoraDropout, LoraShape, Precision, Result,
+};
 use crate::KernelError;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
@@ -567,6 +570,17 @@ impl Backend for Cuda {
         s: AttnShape,
     ) -> Result<()> {
         attention::forward(self, out, lse, q, k, v, key_mask, s)
+    }
+    fn attention_kv_forward(
+        &self,
+        out: CudaViewMut<'_>,
+        q: CudaView<'_>,
+        k_cache: CudaView<'_>,
+        v_cache: CudaView<'_>,
+        key_mask: &[u8],
+        s: KvAttnShape,
+    ) -> Result<()> {
+        attention_kv::forward(self, out, q, k_cache, v_cache, key_mask, s)
     }
     fn attention_backward(
         &self,

@@ -9,6 +9,7 @@ use super::config::ModelConfig;
 use super::params::{Head, Layout, Linear, Slot, TrainMode};
 use super::rope;
 use anyhow::{bail, Context, Result};
+use rlhf_kernels::backend::KvAttnShape;
 use rlhf_kernels::{AttnShape, Backend, Gemm, LoraDropout, LoraShape, Precision};
 
 /// One batch of token rows. `labels` are unshifted, as in transformers: the
@@ -39,8 +40,9 @@ impl Batch {
     }
 }
 
-/// Activations of one block kept for its backward.
-struct BlockActs<B: Backend> {
+/// Activations of one block kept for its backward (and the scratch of one
+/// block's forward during generation).
+pub(super) struct BlockActs<B: Backend> {
     h1: B::Buf,    // [N,C] rmsnorm(x)
     rstd1: B::Buf, // [N]
     q: B::Buf,     // [N, NH*HD] after rope
@@ -143,21 +145,21 @@ pub struct Llama<B: Backend> {
     pub train: B::Buf,  // [layout.train_len]
     pub grads: B::Buf,  // [layout.train_len]
     pub gradient_checkpointing: bool,
-    rope_cos: B::Buf, // [P, HD/2]
-    rope_sin: B::Buf, // [P, HD/2]
+    pub(super) rope_cos: B::Buf, // [P, HD/2]
+    pub(super) rope_sin: B::Buf, // [P, HD/2]
     rope_positions: usize,
     acts: Option<Acts<B>>,
 }
 
 /// Weight views by slot.
-struct W<'a, B: Backend> {
-    be: &'a B,
-    frozen: &'a B::Buf,
-    train: &'a B::Buf,
+pub(super) struct W<'a, B: Backend> {
+    pub(super) be: &'a B,
+    pub(super) frozen: &'a B::Buf,
+    pub(super) train: &'a B::Buf,
 }
 
 impl<'a, B: Backend> W<'a, B> {
-    fn get(&self, s: Slot) -> B::View<'a> {
+    pub(super) fn get(&self, s: Slot) -> B::View<'a> {
         let buf = if s.trainable { self.train } else { self.frozen };
         self.be.view(buf, s.range())
     }
@@ -202,11 +204,11 @@ fn two_grads<'a, B: Backend>(
     }
 }
 
-fn all<'a, B: Backend>(be: &B, buf: &'a B::Buf) -> B::View<'a> {
+pub(super) fn all<'a, B: Backend>(be: &B, buf: &'a B::Buf) -> B::View<'a> {
     be.view(buf, 0..be.len(buf))
 }
 
-fn all_mut<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> B::ViewMut<'a> {
+pub(super) fn all_mut<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> B::ViewMut<'a> {
     let n = be.len(buf);
     be.view_mut(buf, 0..n)
 }
@@ -289,7 +291,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// The LoRA settings of one pass; dropout only when training with a seed.
-    fn lora_run(&self, dropout_seed: Option<u64>) -> LoraRun {
+    pub(super) fn lora_run(&self, dropout_seed: Option<u64>) -> LoraRun {
         match &self.mode {
             TrainMode::Lora(l) => LoraRun {
                 scaling: l.scaling(),
@@ -307,7 +309,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Make sure the rope tables cover `t` positions.
-    fn ensure_rope(&mut self, t: usize) -> Result<()> {
+    pub(super) fn ensure_rope(&mut self, t: usize) -> Result<()> {
         if t > self.rope_positions {
             let (cos, sin) = rope::tables(&self.cfg, t);
             self.rope_cos = self.be.upload(&cos, Precision::F32)?;
@@ -315,6 +317,49 @@ impl<B: Backend> Llama<B> {
             self.rope_positions = t;
         }
         Ok(())
+    }
+
+    /// Which of the 7 linears (LINEAR_MODULES order) carry a LoRA adapter.
+    fn lora_on(&self) -> [bool; 7] {
+        let mut on = [false; 7];
+        if let TrainMode::Lora(l) = &self.mode {
+            for (o, m) in on.iter_mut().zip(super::params::LINEAR_MODULES) {
+                *o = l.target_modules.iter().any(|t| t == m);
+            }
+        }
+        on
+    }
+
+    /// The buffers of one block's forward (and backward) on a [B,T] batch.
+    pub(super) fn alloc_block(&self, b: usize, t: usize) -> Result<BlockActs<B>> {
+        let be = &self.be;
+        let cfg = &self.cfg;
+        let n = b * t;
+        let (c, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let (qd, kvd, nh) = (cfg.q_dim(), cfg.kv_dim(), cfg.num_attention_heads);
+        let r = self.lora_run(None).r;
+        let mut lora_xa: [Option<B::Buf>; 7] = Default::default();
+        for (xa, on) in lora_xa.iter_mut().zip(self.lora_on()) {
+            if on {
+                *xa = Some(be.zeros(n * r, Precision::Compute)?);
+            }
+        }
+        Ok(BlockActs {
+            h1: be.zeros(n * c, Precision::Compute)?,
+            rstd1: be.zeros(n, Precision::F32)?,
+            q: be.zeros(n * qd, Precision::Compute)?,
+            k: be.zeros(n * kvd, Precision::Compute)?,
+            v: be.zeros(n * kvd, Precision::Compute)?,
+            att: be.zeros(n * qd, Precision::Compute)?,
+            lse: be.zeros(b * nh * t, Precision::F32)?,
+            h2: be.zeros(n * c, Precision::Compute)?,
+            rstd2: be.zeros(n, Precision::F32)?,
+            gate: be.zeros(n * f, Precision::Compute)?,
+            up: be.zeros(n * f, Precision::Compute)?,
+            act: be.zeros(n * f, Precision::Compute)?,
+            x_mid: be.zeros(n * c, Precision::Compute)?,
+            lora_xa,
+        })
     }
 
     fn ensure_acts(&mut self, b: usize, t: usize) -> Result<()> {
@@ -326,44 +371,16 @@ impl<B: Backend> Llama<B> {
         let cfg = &self.cfg;
         let n = b * t;
         let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let (qd, kvd, nh) = (cfg.q_dim(), cfg.kv_dim(), cfg.num_attention_heads);
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         let r = self.lora_run(None).r;
         let nblocks = if self.gradient_checkpointing {
             1
         } else {
             cfg.num_hidden_layers
         };
-        let lora_on: Vec<bool> = match &self.mode {
-            TrainMode::Lora(l) => super::params::LINEAR_MODULES
-                .iter()
-                .map(|m| l.target_modules.iter().any(|t| t == m))
-                .collect(),
-            TrainMode::Full => vec![false; 7],
-        };
         let mut blocks = Vec::with_capacity(nblocks);
         for _ in 0..nblocks {
-            let mut lora_xa: [Option<B::Buf>; 7] = Default::default();
-            for (i, on) in lora_on.iter().enumerate() {
-                if *on {
-                    lora_xa[i] = Some(be.zeros(n * r, Precision::Compute)?);
-                }
-            }
-            blocks.push(BlockActs {
-                h1: be.zeros(n * c, Precision::Compute)?,
-                rstd1: be.zeros(n, Precision::F32)?,
-                q: be.zeros(n * qd, Precision::Compute)?,
-                k: be.zeros(n * kvd, Precision::Compute)?,
-                v: be.zeros(n * kvd, Precision::Compute)?,
-                att: be.zeros(n * qd, Precision::Compute)?,
-                lse: be.zeros(b * nh * t, Precision::F32)?,
-                h2: be.zeros(n * c, Precision::Compute)?,
-                rstd2: be.zeros(n, Precision::F32)?,
-                gate: be.zeros(n * f, Precision::Compute)?,
-                up: be.zeros(n * f, Precision::Compute)?,
-                act: be.zeros(n * f, Precision::Compute)?,
-                x_mid: be.zeros(n * c, Precision::Compute)?,
-                lora_xa,
-            });
+            blocks.push(self.alloc_block(b, t)?);
         }
         let max_in = c.max(f).max(qd);
         let xs = (0..=cfg.num_hidden_layers)
@@ -818,23 +835,37 @@ fn positions(batch: &Batch) -> Vec<u32> {
 }
 
 /// Everything a block's forward and backward read.
-struct FwdCtx<'a, B: Backend> {
-    cfg: &'a ModelConfig,
-    be: &'a B,
-    w: &'a W<'a, B>,
-    batch: &'a Batch,
-    positions: &'a [u32],
-    rope_cos: &'a B::Buf,
-    rope_sin: &'a B::Buf,
-    lora: LoraRun,
+pub(super) struct FwdCtx<'a, B: Backend> {
+    pub(super) cfg: &'a ModelConfig,
+    pub(super) be: &'a B,
+    pub(super) w: &'a W<'a, B>,
+    pub(super) batch: &'a Batch,
+    /// [N] rotary position of each row.
+    pub(super) positions: &'a [u32],
+    pub(super) rope_cos: &'a B::Buf,
+    pub(super) rope_sin: &'a B::Buf,
+    pub(super) lora: LoraRun,
+}
+
+/// One layer's key/value cache during generation, and where this step's
+/// tokens go in it: the block writes its k, v (after rope) to slots
+/// START..START+TQ and attends over slots 0..START+TQ instead of running
+/// the training attention.
+pub(super) struct LayerKv<'c, B: Backend> {
+    pub(super) k: &'c mut B::Buf, // [B, CAP, NKV, HD]
+    pub(super) v: &'c mut B::Buf, // [B, CAP, NKV, HD]
+    pub(super) cap: usize,
+    pub(super) start: usize,
+    /// [B, START+TQ], 0 = padding key.
+    pub(super) key_mask: &'c [u8],
 }
 
 /// LoRA settings of one forward/backward: scaling alpha/r, rank, and
 /// (p, seed) when dropout is on.
 #[derive(Clone, Copy, Debug)]
-struct LoraRun {
+pub(super) struct LoraRun {
     scaling: f32,
-    r: usize,
+    pub(super) r: usize,
     dropout: Option<(f32, u64)>,
 }
 
@@ -1006,6 +1037,49 @@ impl<B: Backend> FwdCtx<'_, B> {
         Ok(())
     }
 
+    /// Appends this step's k, v [B,TQ,NKV,HD] to the layer's cache at slot
+    /// START of every row, then att = attention of q over slots 0..START+TQ.
+    fn attention_cached(
+        &self,
+        att: &mut B::Buf, // [B,TQ,NH,HD]
+        q: &B::Buf,       // [B,TQ,NH,HD]
+        k: &B::Buf,       // [B,TQ,NKV,HD]
+        v: &B::Buf,       // [B,TQ,NKV,HD]
+        kv: LayerKv<'_, B>,
+    ) -> Result<()> {
+        let be = self.be;
+        let s = self.shape();
+        let row = s.t * self.cfg.kv_dim(); // one batch row of k: [TQ, NKV·HD]
+        for bi in 0..s.b {
+            let at = (bi * kv.cap + kv.start) * self.cfg.kv_dim();
+            be.copy(
+                be.view_mut(kv.k, at..at + row),
+                be.view(k, bi * row..(bi + 1) * row),
+            )?;
+            be.copy(
+                be.view_mut(kv.v, at..at + row),
+                be.view(v, bi * row..(bi + 1) * row),
+            )?;
+        }
+        be.attention_kv_forward(
+            all_mut(be, att),
+            all(be, q),
+            all(be, kv.k),
+            all(be, kv.v),
+            kv.key_mask,
+            KvAttnShape {
+                b: s.b,
+                tq: s.t,
+                cap: kv.cap,
+                start: kv.start,
+                nh: s.nh,
+                nkv: s.nkv,
+                hd: s.hd,
+            },
+        )?;
+        Ok(())
+    }
+
     fn seed(&self, layer: usize, module: usize) -> u64 {
         module_seed(self.lora.dropout.map(|d| d.1).unwrap_or(0), layer, module)
     }
@@ -1018,6 +1092,22 @@ impl<B: Backend> FwdCtx<'_, B> {
         x_out: &mut B::Buf,
         a: &mut BlockActs<B>,
         lora_x: &mut B::Buf,
+    ) -> Result<()> {
+        self.block_forward_with(l, blk, x, x_out, a, lora_x, None)
+    }
+
+    /// The block's forward; with `kv`, attention runs over the layer's
+    /// key/value cache (generation) instead of over this batch alone.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn block_forward_with(
+        &self,
+        l: usize,
+        blk: &super::params::Block,
+        x: &B::Buf,
+        x_out: &mut B::Buf,
+        a: &mut BlockActs<B>,
+        lora_x: &mut B::Buf,
+        kv: Option<LayerKv<'_, B>>,
     ) -> Result<()> {
         let be = self.be;
         let cfg = self.cfg;
@@ -1063,15 +1153,18 @@ impl<B: Backend> FwdCtx<'_, B> {
         be.rope_forward(all_mut(be, &mut a.q), cos, sin, self.positions, s.nh, s.hd)?;
         let (cos, sin) = (all(be, self.rope_cos), all(be, self.rope_sin));
         be.rope_forward(all_mut(be, &mut a.k), cos, sin, self.positions, s.nkv, s.hd)?;
-        be.attention_forward(
-            all_mut(be, &mut a.att),
-            all_mut(be, &mut a.lse),
-            all(be, &a.q),
-            all(be, &a.k),
-            all(be, &a.v),
-            self.batch.attention_mask.as_deref(),
-            s,
-        )?;
+        match kv {
+            None => be.attention_forward(
+                all_mut(be, &mut a.att),
+                all_mut(be, &mut a.lse),
+                all(be, &a.q),
+                all(be, &a.k),
+                all(be, &a.v),
+                self.batch.attention_mask.as_deref(),
+                s,
+            )?,
+            Some(kv) => self.attention_cached(&mut a.att, &a.q, &a.k, &a.v, kv)?,
+        }
         // x_mid = x + o(att)
         be.copy(all_mut(be, &mut a.x_mid), all(be, x))?;
         self.linear_forward(

@@ -2,6 +2,7 @@
 //! and the forward/backward written against the backend interface.
 
 pub mod config;
+pub mod generate;
 pub mod llama;
 pub mod params;
 pub mod pretrained;

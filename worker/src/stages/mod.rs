@@ -4,7 +4,9 @@
 
 pub mod args;
 pub mod eval;
+pub mod generate;
 pub mod pt;
+pub mod qa_eval;
 pub mod rm;
 pub mod sft;
 

@@ -154,6 +154,24 @@ fn report(o: &PipelineOutcome) -> Result<()> {
                 f("train_tokens_per_second").unwrap_or(f64::NAN)
             );
         }
+        if let Some(after) = f("qa_accuracy") {
+            println!(
+                "  held-out answer accuracy {:.1}% -> {:.1}% ({} of {} questions)",
+                100.0 * f("initial_qa_accuracy").unwrap_or(f64::NAN),
+                100.0 * after,
+                f("qa_correct").unwrap_or(f64::NAN),
+                f("qa_total").unwrap_or(f64::NAN)
+            );
+        }
+        if let (Some(before), Some(after)) = (f("initial_eval_accuracy"), f("eval_accuracy")) {
+            println!(
+                "  held-out pair accuracy {:.1}% -> {:.1}% (mean margin {:.2}, {} pairs)",
+                100.0 * before,
+                100.0 * after,
+                f("eval_mean_margin").unwrap_or(f64::NAN),
+                f("eval_pairs").unwrap_or(f64::NAN)
+            );
+        }
     }
     if !o.success {
         bail!("pipeline failed: {}", o.message);

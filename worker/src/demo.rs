@@ -525,19 +525,23 @@ impl DemoDomain {
         let lines = |items: &[FactQuestion], f: &dyn Fn(&FactQuestion) -> String| {
             items.iter().map(|x| f(x) + "\n").collect::<String>()
         };
+        let train_pairs = self.reward_training_pairs(&train);
         let out = QaDatasets {
             sft: out_dir.join("sft"),
             reward: out_dir.join("reward"),
             heldout: out_dir.join("heldout_qa.jsonl"),
         };
-        for (split, items) in [("train", &train), ("valid", &heldout)] {
+        for (split, items, pairs) in [
+            ("train", &train, &train_pairs),
+            ("valid", &heldout, &heldout),
+        ] {
             write_atomic(
                 &out.sft.join(split).join("qa.jsonl"),
                 lines(items, &sft_line).as_bytes(),
             )?;
             write_atomic(
                 &out.reward.join(split).join("pairs.jsonl"),
-                lines(items, &rm_line).as_bytes(),
+                lines(pairs, &rm_line).as_bytes(),
             )?;
         }
         let heldout_lines = lines(&heldout, &|f| {
@@ -546,6 +550,36 @@ impl DemoDomain {
         });
         write_atomic(&out.heldout, heldout_lines.as_bytes())?;
         Ok(out)
+    }
+
+    /// Reward training pairs of the training questions: each question's own
+    /// wrong answer, plus up to [`EXTRA_NEGATIVES`] right answers of other
+    /// questions of the same kind (another disease's drug, dose, ...) as
+    /// rejected — plausible, same shape, and wrong for this question. Varied
+    /// negatives teach the RM to check the answer against the question rather
+    /// than to memorise which of two strings won.
+    fn reward_training_pairs(&self, train: &[FactQuestion]) -> Vec<FactQuestion> {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x4e6e_9a71);
+        let mut out = Vec::new();
+        for f in train {
+            out.push(f.clone());
+            let mut others: Vec<&FactQuestion> = train
+                .iter()
+                .filter(|o| {
+                    question_kind(&o.question) == question_kind(&f.question)
+                        && o.answer != f.answer
+                        && !f.is_answered_by(&o.answer)
+                })
+                .collect();
+            others.shuffle(&mut rng);
+            for o in others.into_iter().take(EXTRA_NEGATIVES) {
+                out.push(FactQuestion {
+                    wrong: o.answer.clone(),
+                    ..f.clone()
+                });
+            }
+        }
+        out
     }
 
     /// Write a PT dataset: `out_dir/train/corpus.txt` and
@@ -584,6 +618,26 @@ impl DemoDomain {
         )?;
         Ok(())
     }
+}
+
+/// Extra rejected answers per training question in the reward data.
+pub const EXTRA_NEGATIVES: usize = 4;
+
+/// Which of the seven question forms a question has (its fixed opening words).
+fn question_kind(q: &str) -> usize {
+    const OPENINGS: [&str; 7] = [
+        "What is the dose of",
+        "Which drug is used to treat",
+        "What are the symptoms of",
+        "Which organ does",
+        "What causes",
+        "How long does a course of",
+        "In which patients is",
+    ];
+    OPENINGS
+        .iter()
+        .position(|o| q.starts_with(o))
+        .unwrap_or(OPENINGS.len())
 }
 
 fn class_plural(class: &str) -> String {

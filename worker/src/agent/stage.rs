@@ -35,6 +35,7 @@ const PATH_FLAGS: &[&str] = &[
     "peft_path",
     "output_dir",
     "resume_from_checkpoint",
+    "eval_qa_file",
 ];
 
 /// The stage was stopped by the coordinator (a new generation, or it was lost).

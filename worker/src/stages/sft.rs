@@ -9,6 +9,7 @@
 //! validation and the first `max_*_samples` of each part are kept. The
 //! trainer shuffles the training samples per epoch from `--seed`.
 
+use super::qa_eval::QaAccuracy;
 use super::args::{parse_bool, Device, ModelArgs, TrainingArgs};
 use crate::collective::{Collective, Single};
 use crate::data::chat::{read_sft_dir, Conversation, SftRecords};
@@ -64,6 +65,12 @@ pub struct SftDataFlags {
     /// Skip (and count) invalid records instead of stopping at the first.
     #[arg(long = "skip_invalid", default_value = "false", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true")]
     pub skip_invalid: bool,
+    /// Not a MedicalGPT argument: held-out questions with known short answers
+    /// (JSON lines `{"question", "short"}`, as the demo's heldout_qa.jsonl).
+    /// Rank 0 answers them greedily through the chat template before and after
+    /// training and reports the exact-answer accuracy (`qa_accuracy`).
+    #[arg(long = "eval_qa_file")]
+    pub eval_qa_file: Option<PathBuf>,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -237,6 +244,30 @@ pub fn run_dist<B: Backend>(
             "before training"
         );
     }
+    let qa_items = d
+        .eval_qa_file
+        .as_deref()
+        .map(super::qa_eval::read_qa_file)
+        .transpose()?;
+    let qa = |model: &mut crate::model::Llama<B>, when: &str| -> Result<Option<QaAccuracy>> {
+        let Some(items) = qa_items.as_deref().filter(|_| is_main) else {
+            return Ok(None);
+        };
+        let r = super::qa_eval::answer_accuracy(model, &tokenizer, &format, items)?;
+        tracing::info!(
+            accuracy = r.accuracy,
+            correct = r.correct,
+            total = r.total,
+            samples = ?r.samples,
+            "held-out answer accuracy {when} training"
+        );
+        Ok(Some(r))
+    };
+    let initial_qa = if targs.resume_from_checkpoint.is_some() {
+        None
+    } else {
+        qa(&mut model, "before")?
+    };
     let base = args.model.model_name_or_path.clone();
     let save = |m: &crate::model::Llama<B>, dir: &std::path::Path| {
         super::save_weights(m, dir, &base, &tokenizer_dir)
@@ -270,8 +301,10 @@ pub fn run_dist<B: Backend>(
     if !is_main {
         return Ok(result);
     }
+    let mut final_qa = None;
     if result.summary.finished {
         super::save_weights(&model, &targs.output_dir, &base, &tokenizer_dir)?;
+        final_qa = qa(&mut model, "after")?;
     }
     let mut results = json!({
         "train_loss": result.summary.train_loss,
@@ -296,6 +329,15 @@ pub fn run_dist<B: Backend>(
     if let Some(e) = &result.initial_eval {
         results["initial_eval_loss"] = json!(e.loss);
         results["initial_perplexity"] = json!(e.perplexity);
+    }
+    if let Some(q) = &initial_qa {
+        results["initial_qa_accuracy"] = json!(q.accuracy);
+    }
+    if let Some(q) = &final_qa {
+        results["qa_accuracy"] = json!(q.accuracy);
+        results["qa_correct"] = json!(q.correct);
+        results["qa_total"] = json!(q.total);
+        results["qa_samples"] = json!(q.samples);
     }
     write_json_atomic(&targs.output_dir.join("all_results.json"), &results)
         .with_context(|| format!("writing results to {}", targs.output_dir.display()))?;

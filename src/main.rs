@@ -39,6 +39,8 @@ enum Command {
     Merge(rlhf_worker::merge::MergeArgs),
     /// Completions for a file of prompts (KV cache; greedy or sampled), as JSON lines.
     Generate(stages::generate::GenerateArgs),
+    /// Talk to a model (+ adapter) in the terminal: chat template, streamed replies, multi-turn history.
+    Chat(stages::chat::ChatArgs),
     /// Make a small random Llama model dir with a BPE tokenizer trained on a corpus.
     #[command(name = "init-model")]
     InitModel(InitModelCli),
@@ -163,6 +165,7 @@ fn run(cli: Cli) -> Result<()> {
             "{}",
             serde_json::to_string(&rlhf_worker::merge::run(&args)?)?
         ),
+        Command::Chat(args) => stages::chat::run(&args)?,
         Command::Generate(args) => {
             let r = stages::generate::run(&args)?;
             let t = r.timings;

@@ -3,8 +3,10 @@
 //! coordinator-driven stage (`run_dist`, through the worker agent).
 
 pub mod args;
+pub mod chat;
 pub mod eval;
 pub mod generate;
+pub mod infer_args;
 pub mod pt;
 pub mod qa_eval;
 pub mod rm;

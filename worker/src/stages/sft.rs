@@ -9,8 +9,8 @@
 //! validation and the first `max_*_samples` of each part are kept. The
 //! trainer shuffles the training samples per epoch from `--seed`.
 
-use super::qa_eval::QaAccuracy;
 use super::args::{parse_bool, Device, ModelArgs, TrainingArgs};
+use super::qa_eval::QaAccuracy;
 use crate::collective::{Collective, Single};
 use crate::data::chat::{read_sft_dir, Conversation, SftRecords};
 use crate::data::pretrain::split_train_validation;

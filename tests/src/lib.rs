@@ -160,14 +160,33 @@ impl Cmd {
 
     /// Run it and capture its exit code, stdout and stderr.
     pub fn run(&self) -> Run {
+        self.run_with_stdin("")
+    }
+
+    /// [`Cmd::run`] with `input` as its standard input.
+    pub fn run_with_stdin(&self, input: &str) -> Run {
+        use std::io::Write;
         let args = self.args();
-        let out = Command::new(&self.bin)
+        let mut child = Command::new(&self.bin)
             .args(&args)
             // Plain log lines whatever the caller's environment says.
             .env("NO_COLOR", "1")
             .env_remove("RUST_LOG")
-            .output()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let input = input.to_owned();
+        // Written from a thread: a large input must not block while the child's pipes fill.
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(input.as_bytes());
+        });
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));
+        let _ = writer.join();
         Run {
             cmdline: std::iter::once(self.bin.as_os_str().to_owned())
                 .chain(args)
@@ -178,6 +197,13 @@ impl Cmd {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: strip_ansi(&String::from_utf8_lossy(&out.stderr)),
         }
+    }
+
+    /// [`Cmd::ok`] with `input` as standard input.
+    pub fn ok_with_stdin(&self, input: &str) -> Run {
+        let r = self.run_with_stdin(input);
+        assert!(r.code == Some(0), "expected success\n{r}");
+        r
     }
 
     /// Run it and panic (showing stderr) unless it exits 0.
@@ -219,6 +245,15 @@ impl Run {
     pub fn json(&self) -> Value {
         serde_json::from_str(self.stdout.trim())
             .unwrap_or_else(|e| panic!("stdout is not one JSON value ({e})\n{self}"))
+    }
+
+    /// Assert a clean failure (non-zero exit, no panic) whose stderr has each of `needles`.
+    pub fn assert_failed_with(&self, needles: &[&str]) {
+        assert!(
+            matches!(self.code, Some(c) if c != 0) && !self.stderr.contains("panicked"),
+            "expected a clean failure\n{self}"
+        );
+        self.assert_stderr_has(needles);
     }
 
     /// Assert that stderr contains each of `needles`.

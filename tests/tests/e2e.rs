@@ -3,6 +3,7 @@
 //! Every test works in its own temp dir with its own tiny model (making one
 //! takes a few milliseconds), so tests run in parallel and share no state.
 
+mod chat;
 mod cuda_emu;
 mod distributed;
 mod errors;

@@ -164,8 +164,17 @@ fn the_example_pipeline_loads() {
         PathBuf::from("out/pipeline/.coordinator")
     );
     let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["demo", "pt"]);
-    assert_eq!(p.stages[1].kind, StageKind::Pt);
+    assert_eq!(names, ["demo", "pt", "sft", "rm"]);
+    let kinds: Vec<StageKind> = p.stages.iter().map(|s| s.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            StageKind::Demo,
+            StageKind::Pt,
+            StageKind::Sft,
+            StageKind::Rm
+        ]
+    );
     let argv = p.stage_argv(1).unwrap();
     assert!(argv
         .windows(2)
@@ -176,6 +185,23 @@ fn the_example_pipeline_loads() {
     assert_eq!(p.output_dir(1).unwrap(), "out/pipeline/pt");
     // The same global batch as the single-process `rlhf demo` (8).
     assert_eq!(p.global_batch(1).unwrap(), 8);
+    // SFT and RM start from the PT output and read the demo's QA data.
+    for (i, data) in [(2, "sft"), (3, "reward")] {
+        let argv = p.stage_argv(i).unwrap();
+        assert!(argv
+            .windows(2)
+            .any(|w| w == ["--model_name_or_path", "out/pipeline/pt"]));
+        let train = format!("out/pipeline/demo/data/{data}/train");
+        assert!(argv
+            .windows(2)
+            .any(|w| w[0] == "--train_file_dir" && w[1] == train));
+        assert_eq!(p.global_batch(i).unwrap(), 8);
+    }
+    assert!(p
+        .stage_argv(2)
+        .unwrap()
+        .windows(2)
+        .any(|w| w == ["--eval_qa_file", "out/pipeline/demo/data/heldout_qa.jsonl"]));
 }
 
 #[test]

@@ -327,6 +327,15 @@ fn threads() -> usize {
 pub fn run(a: &BenchArgs) -> Result<()> {
     let s = setup(a)?;
     if a.generate {
+        if a.profile {
+            // Every op of the whole run (warm-up rounds included), in ms per run.
+            let mut m = build(Prof::new(Cpu, &s), &s, a.seed)?;
+            m.be.set_on(true);
+            let t0 = Instant::now();
+            crate::bench_generate::run(a, &s, &mut m)?;
+            m.be.report().print(1, t0.elapsed().as_secs_f64());
+            return Ok(());
+        }
         return match a.device {
             Device::Cpu => crate::bench_generate::run(a, &s, &mut build(Cpu, &s, a.seed)?),
             Device::Cuda(n) => {

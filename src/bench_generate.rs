@@ -1,7 +1,7 @@
 //! `rlhf bench --generate`: generation speed of the KV-cache generator on a
 //! bench model shape with random weights: prefill tokens/s (the prompts'
 //! tokens through the model once) and decode tokens/s (the steps after it,
-//! one token per row each), at batch 1 and 8, greedy, no EOS, medians over
+//! one token per row each), at batch 1 and 8 (or --batch_size), greedy, no EOS, medians over
 //! rounds. `bench/generate_pytorch.py` measures transformers' `generate` on
 //! the same shapes.
 
@@ -31,7 +31,9 @@ pub fn run<B: Backend>(a: &BenchArgs, s: &Setup, model: &mut Llama<B>) -> Result
         ..GenerationConfig::default()
     };
     let mut rows = Vec::new();
-    for b in BATCHES {
+    // --batch_size picks one batch size instead of both.
+    let batches = a.batch_size.map_or(BATCHES.to_vec(), |b| vec![b]);
+    for b in batches {
         // Deterministic prompts of P tokens (no padding).
         let prompts: Vec<Vec<u32>> = (0..b)
             .map(|r| {

@@ -361,3 +361,68 @@ pub fn generate_timed<B: Backend>(
         .collect::<Result<Vec<_>>>()?;
     Ok((done, timings))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_config_json_sets_defaults_and_bad_fields_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        // No file: transformers' defaults (and our max_new_tokens of 512).
+        assert_eq!(
+            GenerationConfig::from_model_dir(dir.path()).unwrap(),
+            GenerationConfig::default()
+        );
+        let path = dir.path().join("generation_config.json");
+        std::fs::write(
+            &path,
+            r#"{"do_sample": true, "temperature": 0.6, "top_k": 20, "top_p": 0.8,
+                "repetition_penalty": 1.05, "eos_token_id": [151645, 151643],
+                "max_new_tokens": 64, "bos_token_id": 1}"#,
+        )
+        .unwrap();
+        let c = GenerationConfig::from_model_dir(dir.path()).unwrap();
+        assert!(c.do_sample);
+        assert_eq!((c.temperature, c.top_k, c.top_p), (0.6, 20, 0.8));
+        assert_eq!(c.repetition_penalty, 1.05);
+        assert_eq!(c.eos_token_ids, vec![151645, 151643]);
+        assert_eq!(c.max_new_tokens, 64);
+        std::fs::write(&path, r#"{"eos_token_id": 2}"#).unwrap();
+        let c = GenerationConfig::from_model_dir(dir.path()).unwrap();
+        assert_eq!(c.eos_token_ids, vec![2]);
+        std::fs::write(&path, r#"{"top_k": "many"}"#).unwrap();
+        let e = GenerationConfig::from_model_dir(dir.path()).unwrap_err();
+        assert!(
+            e.to_string().contains("generation_config.json") && e.to_string().contains("\"top_k\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn invalid_settings_are_errors() {
+        let bad = [
+            GenerationConfig {
+                max_new_tokens: 0,
+                ..Default::default()
+            },
+            GenerationConfig {
+                do_sample: true,
+                temperature: 0.0,
+                ..Default::default()
+            },
+            GenerationConfig {
+                top_p: 0.0,
+                ..Default::default()
+            },
+            GenerationConfig {
+                repetition_penalty: -1.0,
+                ..Default::default()
+            },
+        ];
+        for c in bad {
+            assert!(c.validate().is_err(), "{c:?}");
+        }
+        assert!(GenerationConfig::default().validate().is_ok());
+    }
+}

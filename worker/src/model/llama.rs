@@ -1042,6 +1042,7 @@ impl<B: Backend> FwdCtx<'_, B> {
     fn attention_cached(
         &self,
         att: &mut B::Buf, // [B,TQ,NH,HD]
+        lse: &mut B::Buf, // [B,NH,TQ], written by the prefill only
         q: &B::Buf,       // [B,TQ,NH,HD]
         k: &B::Buf,       // [B,TQ,NKV,HD]
         v: &B::Buf,       // [B,TQ,NKV,HD]
@@ -1060,6 +1061,20 @@ impl<B: Backend> FwdCtx<'_, B> {
                 be.view_mut(kv.v, at..at + row),
                 be.view(v, bi * row..(bi + 1) * row),
             )?;
+        }
+        if kv.start == 0 {
+            // An empty cache: the keys are this step's own, so this is the
+            // training attention (the flash kernels, much faster on long prompts).
+            be.attention_forward(
+                all_mut(be, att),
+                all_mut(be, lse),
+                all(be, q),
+                all(be, k),
+                all(be, v),
+                Some(kv.key_mask),
+                s,
+            )?;
+            return Ok(());
         }
         be.attention_kv_forward(
             all_mut(be, att),
@@ -1163,7 +1178,7 @@ impl<B: Backend> FwdCtx<'_, B> {
                 self.batch.attention_mask.as_deref(),
                 s,
             )?,
-            Some(kv) => self.attention_cached(&mut a.att, &a.q, &a.k, &a.v, kv)?,
+            Some(kv) => self.attention_cached(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, kv)?,
         }
         // x_mid = x + o(att)
         be.copy(all_mut(be, &mut a.x_mid), all(be, x))?;

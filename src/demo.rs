@@ -16,7 +16,7 @@ pub struct DemoArgs {
     #[arg(long = "output_dir", default_value = "out/demo")]
     pub output_dir: PathBuf,
     /// Passes over the demo corpus.
-    #[arg(long = "num_train_epochs", default_value_t = 2.0)]
+    #[arg(long = "num_train_epochs", default_value_t = 10.0)]
     pub num_train_epochs: f64,
     #[arg(long = "train_docs", default_value_t = 3000)]
     pub train_docs: usize,

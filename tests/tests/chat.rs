@@ -51,3 +51,38 @@ fn chat_with_an_unknown_template_names_the_known_ones() {
         .run_with_stdin("hello\n")
         .assert_failed_with(&["nonesuch", "vicuna", "qwen"]);
 }
+
+#[test]
+fn a_first_chat_turn_replies_what_generate_gives_for_the_templated_prompt() {
+    let s = setup();
+    let prompts = s.ws.write("prompts.txt", "the patient\n");
+    let out = s.ws.path("gen.jsonl");
+    rlhf()
+        .cmd("generate")
+        .opt("--model_name_or_path", &s.model)
+        .opt("--prompts_file", &prompts)
+        .opt("--output_file", &out)
+        .opt("--template_name", "chat_template")
+        .opt("--max_new_tokens", "7")
+        .ok();
+    let generated = read_jsonl(&out)[0]["completion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = rlhf()
+        .cmd("chat")
+        .opt("--model_name_or_path", &s.model)
+        .opt("--max_new_tokens", "7")
+        .ok_with_stdin("the patient\n");
+    assert_eq!(r.stdout.lines().next().unwrap_or(""), generated, "{r}");
+    // A system prompt only makes sense inside a chat template.
+    let raw = s.ws.path("raw.jsonl");
+    rlhf()
+        .cmd("generate")
+        .opt("--model_name_or_path", &s.model)
+        .opt("--prompts_file", &prompts)
+        .opt("--output_file", &raw)
+        .opt("--system_prompt", "x")
+        .fails()
+        .assert_stderr_has(&["--system_prompt needs --template_name"]);
+}

@@ -3,65 +3,46 @@
 //! finish_reason} in prompt order (atomically, once all are done).
 //!
 //! Prompts are used as given (tokenized with the tokenizer's special tokens,
-//! e.g. Llama's BOS). Chat templating (`--template_name`) is not applied
-//! here yet: `prompt_text` below is where a template would wrap each prompt.
+//! e.g. Llama's BOS), or with `--template_name` as the user turn of a chat.
 
-use super::args::{parse_bool, Device};
+use super::infer_args::{InferenceModelFlags, ModelFn, SamplingFlags};
+use crate::data::chat::{Message, Role};
+use crate::data::template::ChatFormat;
 use crate::model::generate::{generate_timed, GenTimings, Generated, GenerationConfig};
-use crate::model::pretrained::{load_model, read_adapter_config};
-use crate::model::TrainMode;
+use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rlhf_kernels::cuda::{Cuda, Dtype};
-use rlhf_kernels::{Backend, Cpu};
+use rlhf_kernels::Backend;
 use serde_json::{json, Value};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Clone, Debug)]
 pub struct GenerateArgs {
-    #[arg(long = "model_name_or_path")]
-    pub model_name_or_path: PathBuf,
-    #[arg(long = "tokenizer_name_or_path")]
-    pub tokenizer_name_or_path: Option<PathBuf>,
-    /// A PEFT adapter dir, applied unmerged.
-    #[arg(long = "peft_path")]
-    pub peft_path: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: InferenceModelFlags,
     /// One prompt per line (.txt), or JSON lines with a "prompt" field (.jsonl / .json).
     #[arg(long = "prompts_file")]
     pub prompts_file: PathBuf,
     /// Where the JSON lines go.
     #[arg(long = "output_file")]
     pub output_file: PathBuf,
-    #[arg(long = "max_new_tokens")]
-    pub max_new_tokens: Option<usize>,
-    /// Sample instead of greedy decoding (default: generation_config.json's, else false).
-    #[arg(long = "do_sample", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true")]
-    pub do_sample: Option<bool>,
-    #[arg(long = "temperature")]
-    pub temperature: Option<f32>,
-    #[arg(long = "top_k")]
-    pub top_k: Option<usize>,
-    #[arg(long = "top_p")]
-    pub top_p: Option<f32>,
-    #[arg(long = "repetition_penalty")]
-    pub repetition_penalty: Option<f32>,
-    /// Extra stop strings (the text is cut before them).
-    #[arg(long = "stop", num_args = 1..)]
-    pub stop: Vec<String>,
+    #[command(flatten)]
+    pub sampling: SamplingFlags,
     /// Prompts per batch (left-padded together).
     #[arg(long = "batch_size", default_value_t = 8)]
     pub batch_size: usize,
-    #[arg(long = "seed", default_value_t = 42)]
-    pub seed: u64,
-    /// cpu, cuda or cuda:N.
-    #[arg(long = "device", default_value = "cpu")]
-    pub device: Device,
-    /// On CUDA: compute in bf16 (else f32).
-    #[arg(long = "bf16", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true")]
-    pub bf16: Option<bool>,
+    /// Treat each prompt as a user turn of a chat, rendered with this MedicalGPT
+    /// template (vicuna, qwen, llama3, ...) or, with `chat_template`, the
+    /// tokenizer's own; generation then also stops at the end of the turn.
+    /// Without it prompts are used as given.
+    #[arg(long = "template_name")]
+    pub template_name: Option<String>,
+    /// A system turn before each prompt (needs --template_name).
+    #[arg(long = "system_prompt")]
+    pub system_prompt: Option<String>,
 }
 
 /// What a run did, also printed as JSON.
@@ -113,53 +94,60 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
     Ok(prompts)
 }
 
-/// The text the model sees for one prompt (a chat template goes here).
-fn prompt_text(prompt: &str) -> String {
-    prompt.to_string()
+/// The text the model sees for one prompt: as given, or as the user turn of
+/// a chat (after an optional system turn) ready for the assistant's reply.
+pub fn prompt_text(
+    prompt: &str,
+    format: Option<&ChatFormat>,
+    system: Option<&str>,
+) -> Result<String> {
+    let Some(format) = format else {
+        return Ok(prompt.to_string());
+    };
+    let mut msgs = Vec::new();
+    if let Some(s) = system {
+        msgs.push(Message {
+            role: Role::System,
+            content: s.to_string(),
+        });
+    }
+    msgs.push(Message {
+        role: Role::User,
+        content: prompt.to_string(),
+    });
+    format.render(&msgs, true)
 }
 
 pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
     if args.batch_size == 0 {
         bail!("--batch_size must be at least 1");
     }
-    let tok_dir = args
-        .tokenizer_name_or_path
-        .clone()
-        .unwrap_or_else(|| args.model_name_or_path.clone());
-    let tokenizer = Tokenizer::load(&tok_dir)?;
+    let tokenizer = args.model.tokenizer()?;
     let prompts = read_prompts(&args.prompts_file)?;
-    let mut cfg = GenerationConfig::from_model_dir(&args.model_name_or_path)?;
-    if cfg.eos_token_ids.is_empty() {
-        cfg.eos_token_ids.extend(tokenizer.eos_id());
-    }
-    cfg.max_new_tokens = args.max_new_tokens.unwrap_or(cfg.max_new_tokens);
-    cfg.do_sample = args.do_sample.unwrap_or(cfg.do_sample);
-    cfg.temperature = args.temperature.unwrap_or(cfg.temperature);
-    cfg.top_k = args.top_k.unwrap_or(cfg.top_k);
-    cfg.top_p = args.top_p.unwrap_or(cfg.top_p);
-    cfg.repetition_penalty = args.repetition_penalty.unwrap_or(cfg.repetition_penalty);
-    cfg.stop_strings.extend(args.stop.iter().cloned());
-    cfg.seed = args.seed;
-    cfg.validate()?;
+    let format = match args.template_name.as_deref() {
+        None if args.system_prompt.is_some() => {
+            bail!("--system_prompt needs --template_name (a chat template to put it in)")
+        }
+        None => None,
+        Some("chat_template") => Some(ChatFormat::resolve(None, &tokenizer)?),
+        Some(name) => Some(ChatFormat::resolve(Some(name), &tokenizer)?),
+    };
+    let cfg = args
+        .sampling
+        .config(&args.model, &tokenizer, format.as_ref())?;
     let ids = prompts
         .iter()
-        .map(|p| tokenizer.encode(&prompt_text(p), true))
+        .map(|p| {
+            let text = prompt_text(p, format.as_ref(), args.system_prompt.as_deref())?;
+            tokenizer.encode(&text, true)
+        })
         .collect::<Result<Vec<_>>>()?;
-    let mode = match &args.peft_path {
-        Some(p) => TrainMode::Lora(read_adapter_config(p)?),
-        None => TrainMode::Full,
-    };
-    let (outs, timings) = match args.device {
-        Device::Cpu => generate_on(Cpu, args, mode, &tokenizer, &ids, &cfg)?,
-        Device::Cuda(n) => {
-            let dtype = if args.bf16 == Some(true) {
-                Dtype::Bf16
-            } else {
-                Dtype::F32
-            };
-            generate_on(Cuda::new(n, dtype)?, args, mode, &tokenizer, &ids, &cfg)?
-        }
-    };
+    let (outs, timings) = args.model.with_model(Batches {
+        args,
+        tokenizer: &tokenizer,
+        ids: &ids,
+        cfg: &cfg,
+    })?;
     let mut lines = String::new();
     for (prompt, g) in prompts.iter().zip(&outs) {
         let line = json!({
@@ -195,60 +183,66 @@ pub fn per_s(tokens: usize, s: f64) -> f64 {
     }
 }
 
-fn generate_on<B: Backend>(
-    be: B,
-    args: &GenerateArgs,
-    mode: TrainMode,
-    tokenizer: &Tokenizer,
-    ids: &[Vec<u32>],
-    cfg: &GenerationConfig,
-) -> Result<(Vec<Generated>, GenTimings)> {
-    let mut model = load_model(be, &args.model_name_or_path, mode, 0)?;
-    if let Some(p) = &args.peft_path {
-        model.load_adapter(p)?;
+/// Every prompt in batches of --batch_size, with a progress bar.
+struct Batches<'a> {
+    args: &'a GenerateArgs,
+    tokenizer: &'a Tokenizer,
+    ids: &'a [Vec<u32>],
+    cfg: &'a GenerationConfig,
+}
+
+impl ModelFn<(Vec<Generated>, GenTimings)> for Batches<'_> {
+    fn call<B: Backend>(self, mut model: Llama<B>) -> Result<(Vec<Generated>, GenTimings)> {
+        let Batches {
+            args,
+            tokenizer,
+            ids,
+            cfg,
+        } = self;
+        let model = &mut model;
+        let bar = ProgressBar::with_draw_target(
+            Some(ids.len() as u64),
+            if std::io::stderr().is_terminal() {
+                ProgressDrawTarget::stderr()
+            } else {
+                ProgressDrawTarget::hidden()
+            },
+        );
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} prompts  {msg}  [{elapsed_precise} < {eta_precise}]",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let mut all = Vec::with_capacity(ids.len());
+        let mut total = GenTimings::default();
+        for (bi, chunk) in ids.chunks(args.batch_size).enumerate() {
+            // Each batch draws from its own seeds, so a prompt's sample does not
+            // depend on how many batches came before it.
+            let batch_cfg = GenerationConfig {
+                seed: cfg.seed.wrapping_add((bi * args.batch_size) as u64),
+                ..cfg.clone()
+            };
+            let (outs, t) = generate_timed(model, tokenizer, chunk, &batch_cfg, &mut |_, _| {})
+                .with_context(|| {
+                    format!(
+                        "generating for prompts {}..{}",
+                        bi * args.batch_size + 1,
+                        bi * args.batch_size + chunk.len()
+                    )
+                })?;
+            total.prefill_tokens += t.prefill_tokens;
+            total.prefill_s += t.prefill_s;
+            total.decode_tokens += t.decode_tokens;
+            total.decode_s += t.decode_s;
+            all.extend(outs);
+            bar.inc(chunk.len() as u64);
+            bar.set_message(format!(
+                "{:.1} tokens/s",
+                per_s(total.decode_tokens, total.decode_s)
+            ));
+        }
+        bar.finish_and_clear();
+        Ok((all, total))
     }
-    let bar = ProgressBar::with_draw_target(
-        Some(ids.len() as u64),
-        if std::io::stderr().is_terminal() {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
-    );
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} prompts  {msg}  [{elapsed_precise} < {eta_precise}]",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let mut all = Vec::with_capacity(ids.len());
-    let mut total = GenTimings::default();
-    for (bi, chunk) in ids.chunks(args.batch_size).enumerate() {
-        // Each batch draws from its own seeds, so a prompt's sample does not
-        // depend on how many batches came before it.
-        let batch_cfg = GenerationConfig {
-            seed: cfg.seed.wrapping_add((bi * args.batch_size) as u64),
-            ..cfg.clone()
-        };
-        let (outs, t) = generate_timed(&mut model, tokenizer, chunk, &batch_cfg, &mut |_, _| {})
-            .with_context(|| {
-                format!(
-                    "generating for prompts {}..{}",
-                    bi * args.batch_size + 1,
-                    bi * args.batch_size + chunk.len()
-                )
-            })?;
-        total.prefill_tokens += t.prefill_tokens;
-        total.prefill_s += t.prefill_s;
-        total.decode_tokens += t.decode_tokens;
-        total.decode_s += t.decode_s;
-        all.extend(outs);
-        bar.inc(chunk.len() as u64);
-        bar.set_message(format!(
-            "{:.1} tokens/s",
-            per_s(total.decode_tokens, total.decode_s)
-        ));
-    }
-    bar.finish_and_clear();
-    Ok((all, total))
 }

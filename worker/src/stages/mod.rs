@@ -89,6 +89,40 @@ impl DistStage for rm::RmArgs {
     }
 }
 
+/// The model a training stage starts from: `--model_name_or_path` with the
+/// stage's head, LoRA or full per `--use_peft`, `--peft_path` loaded to
+/// continue an adapter, gradient checkpointing as asked.
+pub fn load_stage_model<B: Backend>(
+    be: B,
+    model_args: &args::ModelArgs,
+    training: &args::TrainingArgs,
+    head: crate::model::params::Head,
+    tokenizer: &crate::tokenizer::Tokenizer,
+    seed: u64,
+) -> Result<Llama<B>> {
+    let mode = model_args.train_mode()?;
+    let mut model = crate::model::pretrained::load_model_with_head(
+        be,
+        &model_args.model_name_or_path,
+        mode,
+        head,
+        seed,
+    )?;
+    if model.cfg.vocab_size < tokenizer.vocab_size() {
+        tracing::warn!(
+            "tokenizer has {} tokens but the model's vocab_size is {}; ids beyond it are errors",
+            tokenizer.vocab_size(),
+            model.cfg.vocab_size
+        );
+    }
+    if let Some(p) = &model_args.peft_path {
+        model.load_adapter(p)?;
+        tracing::info!(adapter = %p.display(), "continuing from adapter");
+    }
+    model.gradient_checkpointing = training.gradient_checkpointing;
+    Ok(model)
+}
+
 /// Set a model's trainable weights from a checkpoint/output dir written by
 /// [`save_weights`].
 pub fn load_checkpoint_weights<B: Backend>(model: &mut Llama<B>, dir: &Path) -> Result<()> {

@@ -5,7 +5,7 @@ use super::args::{parse_bool, Device, ModelArgs, TrainingArgs};
 use crate::collective::{Collective, Single};
 use crate::data::pretrain::{build_pt_blocks, read_text_dir, PtDataArgs};
 use crate::fsutil::write_json_atomic;
-use crate::model::pretrained::load_model;
+use crate::model::params::Head;
 use crate::model::weights::SaveDtype;
 use crate::tokenizer::Tokenizer;
 use crate::train::{train_dist, Dist, EvalResult, NoHooks, Sample, TrainHooks, TrainSummary};
@@ -112,20 +112,14 @@ pub fn run_dist<B: Backend>(
     let train_samples: Vec<Sample> = blocks.train.into_iter().map(Sample::causal).collect();
     let eval_samples: Vec<Sample> = blocks.eval.into_iter().map(Sample::causal).collect();
 
-    let mode = args.model.train_mode()?;
-    let mut model = load_model(be, &args.model.model_name_or_path, mode, targs.seed)?;
-    if model.cfg.vocab_size < tokenizer.vocab_size() {
-        tracing::warn!(
-            "tokenizer has {} tokens but the model's vocab_size is {}; ids beyond it are errors",
-            tokenizer.vocab_size(),
-            model.cfg.vocab_size
-        );
-    }
-    if let Some(p) = &args.model.peft_path {
-        model.load_adapter(p)?;
-        tracing::info!(adapter = %p.display(), "continuing from adapter");
-    }
-    model.gradient_checkpointing = args.training.gradient_checkpointing;
+    let mut model = super::load_stage_model(
+        be,
+        &args.model,
+        &args.training,
+        Head::CausalLm,
+        &tokenizer,
+        targs.seed,
+    )?;
     let initial_eval = if eval_samples.is_empty() || targs.resume_from_checkpoint.is_some() {
         None
     } else {

@@ -19,7 +19,6 @@ use crate::data::reward::{pair_texts, read_pair_dir, PreferencePair, ReadPairs};
 use crate::data::template::ChatFormat;
 use crate::fsutil::write_json_atomic;
 use crate::model::params::Head;
-use crate::model::pretrained::load_model_with_head;
 use crate::model::weights::SaveDtype;
 use crate::model::{Batch, Llama};
 use crate::tokenizer::Tokenizer;
@@ -444,17 +443,17 @@ pub fn run_dist<B: Backend>(
         "RM data ready"
     );
 
-    let mode = args.model.train_mode()?;
-    if let crate::model::TrainMode::Lora(l) = &mode {
+    if let crate::model::TrainMode::Lora(l) = &args.model.train_mode()? {
         if l.modules_to_save.iter().any(|m| m == "lm_head") {
             bail!("modules_to_save lm_head: a reward model has no lm_head (its score head is always trained in full)");
         }
     }
-    let mut model = load_model_with_head(
+    let mut model = super::load_stage_model(
         be,
-        &args.model.model_name_or_path,
-        mode,
+        &args.model,
+        &args.training,
         Head::Score,
+        &tokenizer,
         targs.seed,
     )?;
     if let Some(cfg_pad) = model.cfg.pad_token_id.filter(|&p| p != pad_id) {
@@ -465,18 +464,6 @@ pub fn run_dist<B: Backend>(
         );
     }
     model.cfg.pad_token_id = Some(pad_id);
-    if model.cfg.vocab_size < tokenizer.vocab_size() {
-        tracing::warn!(
-            "tokenizer has {} tokens but the model's vocab_size is {}; ids beyond it are errors",
-            tokenizer.vocab_size(),
-            model.cfg.vocab_size
-        );
-    }
-    if let Some(p) = &args.model.peft_path {
-        model.load_adapter(p)?;
-        tracing::info!(adapter = %p.display(), "continuing from adapter");
-    }
-    model.gradient_checkpointing = args.training.gradient_checkpointing;
     let objective = PairwiseReward { pad_id };
     let initial_eval = if eval.pairs.is_empty() || targs.resume_from_checkpoint.is_some() {
         None

@@ -17,7 +17,7 @@ use crate::data::pretrain::split_train_validation;
 use crate::data::sft::{fix_special_tokens, tokenize_conversations, SftTokenizeArgs, IGNORE_INDEX};
 use crate::data::template::{named_template, ChatFormat};
 use crate::fsutil::write_json_atomic;
-use crate::model::pretrained::load_model;
+use crate::model::params::Head;
 use crate::model::weights::SaveDtype;
 use crate::tokenizer::Tokenizer;
 use crate::train::{train_dist, Dist, EvalResult, NoHooks, TrainHooks, TrainSummary};
@@ -212,20 +212,14 @@ pub fn run_dist<B: Backend>(
         "SFT data ready"
     );
 
-    let mode = args.model.train_mode()?;
-    let mut model = load_model(be, &args.model.model_name_or_path, mode, targs.seed)?;
-    if model.cfg.vocab_size < tokenizer.vocab_size() {
-        tracing::warn!(
-            "tokenizer has {} tokens but the model's vocab_size is {}; ids beyond it are errors",
-            tokenizer.vocab_size(),
-            model.cfg.vocab_size
-        );
-    }
-    if let Some(p) = &args.model.peft_path {
-        model.load_adapter(p)?;
-        tracing::info!(adapter = %p.display(), "continuing from adapter");
-    }
-    model.gradient_checkpointing = args.training.gradient_checkpointing;
+    let mut model = super::load_stage_model(
+        be,
+        &args.model,
+        &args.training,
+        Head::CausalLm,
+        &tokenizer,
+        targs.seed,
+    )?;
     let initial_eval = if eval.samples.is_empty() || targs.resume_from_checkpoint.is_some() {
         None
     } else {

@@ -578,3 +578,106 @@ fn workers_started_before_the_coordinator_wait_for_it() {
         assert!(st.success());
     }
 }
+
+/// SFT then RM, as pipeline stages on the tiny model (ChatML chat_template).
+fn sft_rm_pipeline(s: &Setup, name: &str, workers: usize, batch: usize) -> PathBuf {
+    let text = format!(
+        r#"[cluster]
+workers = {workers}
+heartbeat_interval_ms = 200
+heartbeat_timeout_ms = 2000
+state_dir = "{name}/.coordinator"
+
+[[stage]]
+name = "sft"
+kind = "sft"
+model_name_or_path = "model"
+train_file_dir = "chat/train"
+validation_file_dir = "chat/valid"
+eval_qa_file = "chat/qa.jsonl"
+output_dir = "{name}/sft"
+model_max_length = 64
+per_device_train_batch_size = {batch}
+max_steps = 4
+learning_rate = 1e-3
+logging_steps = 1
+save_steps = 100
+
+[[stage]]
+name = "rm"
+kind = "rm"
+model_name_or_path = "model"
+train_file_dir = "pairs/train"
+validation_file_dir = "pairs/valid"
+output_dir = "{name}/rm"
+lora_dropout = 0.0
+per_device_train_batch_size = {batch}
+max_steps = 4
+learning_rate = 1e-3
+logging_steps = 1
+save_steps = 100
+"#
+    );
+    s.ws.write(&format!("{name}.toml"), text)
+}
+
+#[test]
+fn sft_and_rm_stages_train_the_same_on_two_workers_as_on_one() {
+    let s = setup();
+    let words = [
+        "patient", "doctor", "fever", "clinic", "dose", "nurse", "cough", "ward",
+    ];
+    let conv = |i: usize| {
+        let (q, a) = (words[i % 8], words[(i * 3 + 1) % 8]);
+        format!(
+            "{{\"conversations\": [{{\"from\": \"human\", \"value\": \"what about the {q}?\"}}, {{\"from\": \"gpt\", \"value\": \"the {a} is fine.\"}}]}}\n"
+        )
+    };
+    let pair = |i: usize| {
+        let (q, a, b) = (words[i % 8], words[(i + 2) % 8], words[(i + 5) % 8]);
+        format!("{{\"question\": \"what about the {q}?\", \"response_chosen\": \"the {a}.\", \"response_rejected\": \"the {b}.\"}}\n")
+    };
+    s.ws.write("chat/train/a.jsonl", (0..16).map(conv).collect::<String>());
+    s.ws.write("chat/valid/a.jsonl", (16..20).map(conv).collect::<String>());
+    s.ws.write(
+        "chat/qa.jsonl",
+        "{\"question\": \"what about the fever?\", \"short\": \"fine\"}\n",
+    );
+    s.ws.write("pairs/train/a.jsonl", (0..16).map(pair).collect::<String>());
+    s.ws.write(
+        "pairs/valid/a.jsonl",
+        (16..20).map(pair).collect::<String>(),
+    );
+    let two = sft_rm_pipeline(&s, "two", 2, 2);
+    let one = sft_rm_pipeline(&s, "one", 1, 4);
+    let two_in_one = sft_rm_pipeline(&s, "two_in_one", 2, 2);
+    let out = rlhf_run(&s, &two, &[]);
+    rlhf_run(&s, &one, &[]);
+    // Global batch 4 as 2 micro-batches accumulated in ONE process.
+    rlhf_run(&s, &two_in_one, &["--workers", "1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("held-out answer accuracy"), "{stdout}");
+    assert!(stdout.contains("held-out pair accuracy"), "{stdout}");
+    for stage in ["sft", "rm"] {
+        let file = format!("{stage}/adapter_model.safetensors");
+        let [a, b, c] = ["two", "one", "two_in_one"]
+            .map(|run| read_safetensors(&s.ws.path(&format!("{run}/{file}"))));
+        // SFT is bitwise (as PT). The RM is equal up to rounding: some
+        // of its backward adds into the accumulated gradient in a different
+        // order than the ring's single addition (not yet tracked down); Adam magnifies it in LoRA B ≈ 0.
+        let tol = if stage == "sft" { 0.0 } else { 1e-5 };
+        assert_close(&a, &c, tol);
+        // Batch 4 in one micro-batch sums in another order; Adam's first
+        // steps on B ≈ 0 magnify that to ~1e-4 in the RM's LoRA B.
+        assert_close(&a, &b, 5e-4);
+        let results = read_json(&s.ws.path(&format!("two/{stage}/all_results.json")));
+        assert_eq!(num(&results, "global_step"), 4.0, "{results}");
+    }
+    let rm = read_json(&s.ws.path("two/rm/all_results.json"));
+    assert_eq!(num(&rm, "eval_pairs"), 4.0, "{rm}");
+    let sft = read_json(&s.ws.path("two/sft/all_results.json"));
+    assert_eq!(num(&sft, "qa_total"), 1.0, "{sft}");
+    // The reward adapter carries its score head, as PEFT's SEQ_CLS adapters do.
+    let rm_adapter = read_safetensors(&s.ws.path("two/rm/adapter_model.safetensors"));
+    assert!(rm_adapter.contains_key("base_model.model.score.weight"));
+}

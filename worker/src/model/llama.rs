@@ -100,6 +100,9 @@ struct ScoreActs<B: Backend> {
     pooled: B::Buf,  // [B,C] hf at `rows`
     scores: B::Buf,  // [B] (= [B,1]) pooled · scoreᵀ, then overwritten by dscores
     dpooled: B::Buf, // [B,C]
+    /// This micro-batch's d score, added to the gradient in one addition (as
+    /// the all-reduce adds a rank's): [C] (f32 like the gradients).
+    dweight: B::Buf,
 }
 
 /// Where transformers' `*ForSequenceClassification` reads each row's score:
@@ -406,6 +409,7 @@ impl<B: Backend> Llama<B> {
                     pooled: be.zeros(n_pooled, Precision::Compute)?,
                     scores: be.zeros(n_scores, Precision::Compute)?,
                     dpooled: be.zeros(n_pooled, Precision::Compute)?,
+                    dweight: be.zeros(n_pooled.min(c), Precision::F32)?,
                 },
                 dres: be.zeros(n * c, Precision::Compute)?,
                 dh: be.zeros(n * c, Precision::Compute)?,
@@ -802,10 +806,12 @@ fn score_head_backward<B: Backend>(
             accumulate: false,
         },
     )?;
-    // d score[1,C] += dscoresᵀ[1,B] · pooled[B,C]
+    // d score[1,C] += dscoresᵀ[1,B] · pooled[B,C], computed apart and added
+    // once, so that micro-batches accumulated here sum exactly as ranks
+    // summed by the all-reduce.
     if let Some(dw) = grad(be, grads, score) {
         be.gemm(
-            dw,
+            all_mut(be, &mut sa.dweight),
             all(be, &sa.scores),
             all(be, &sa.pooled),
             Gemm {
@@ -815,9 +821,10 @@ fn score_head_backward<B: Backend>(
                 trans_a: true,
                 trans_b: false,
                 alpha: 1.0,
-                accumulate: true,
+                accumulate: false,
             },
         )?;
+        be.axpy(dw, 1.0, all(be, &sa.dweight))?;
     }
     be.fill(all_mut(be, &mut acts.dh), 0.0)?;
     for (r, &row) in sa.rows.iter().enumerate() {

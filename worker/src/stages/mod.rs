@@ -38,56 +38,32 @@ pub trait DistStage: clap::Args + Sized {
     ) -> Result<(bool, serde_json::Value)>;
 }
 
-impl DistStage for pt::PtArgs {
-    const KIND: &'static str = "pt";
-    fn training(&self) -> &args::TrainingArgs {
-        &self.training
-    }
-    fn run_rank<B: Backend>(
-        &self,
-        be: B,
-        collective: &mut dyn Collective<B>,
-        global_batch: Option<usize>,
-        hooks: &mut dyn TrainHooks,
-    ) -> Result<(bool, serde_json::Value)> {
-        let r = pt::run_dist(be, self, collective, global_batch, hooks)?;
-        Ok((r.summary.finished, r.results))
-    }
+/// `impl DistStage` for a stage whose `run_dist` returns a result with
+/// `summary.finished` and `results` (all of them do).
+macro_rules! dist_stage {
+    ($args:ty, $kind:literal, $run_dist:path) => {
+        impl DistStage for $args {
+            const KIND: &'static str = $kind;
+            fn training(&self) -> &args::TrainingArgs {
+                &self.training
+            }
+            fn run_rank<B: Backend>(
+                &self,
+                be: B,
+                collective: &mut dyn Collective<B>,
+                global_batch: Option<usize>,
+                hooks: &mut dyn TrainHooks,
+            ) -> Result<(bool, serde_json::Value)> {
+                let r = $run_dist(be, self, collective, global_batch, hooks)?;
+                Ok((r.summary.finished, r.results))
+            }
+        }
+    };
 }
 
-impl DistStage for sft::SftArgs {
-    const KIND: &'static str = "sft";
-    fn training(&self) -> &args::TrainingArgs {
-        &self.training
-    }
-    fn run_rank<B: Backend>(
-        &self,
-        be: B,
-        collective: &mut dyn Collective<B>,
-        global_batch: Option<usize>,
-        hooks: &mut dyn TrainHooks,
-    ) -> Result<(bool, serde_json::Value)> {
-        let r = sft::run_dist(be, self, collective, global_batch, hooks)?;
-        Ok((r.summary.finished, r.results))
-    }
-}
-
-impl DistStage for rm::RmArgs {
-    const KIND: &'static str = "rm";
-    fn training(&self) -> &args::TrainingArgs {
-        &self.training
-    }
-    fn run_rank<B: Backend>(
-        &self,
-        be: B,
-        collective: &mut dyn Collective<B>,
-        global_batch: Option<usize>,
-        hooks: &mut dyn TrainHooks,
-    ) -> Result<(bool, serde_json::Value)> {
-        let r = rm::run_dist(be, self, collective, global_batch, hooks)?;
-        Ok((r.summary.finished, r.results))
-    }
-}
+dist_stage!(pt::PtArgs, "pt", pt::run_dist);
+dist_stage!(sft::SftArgs, "sft", sft::run_dist);
+dist_stage!(rm::RmArgs, "rm", rm::run_dist);
 
 /// The model a training stage starts from: `--model_name_or_path` with the
 /// stage's head, LoRA or full per `--use_peft`, `--peft_path` loaded to

@@ -9,6 +9,7 @@ pub mod fsutil;
 pub mod init_model;
 pub mod merge;
 pub mod model;
+pub mod rl;
 pub mod stages;
 pub mod tokenizer;
 pub mod train;

@@ -53,7 +53,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         },
         training: demo_training(&out, a),
     };
-    let r = rlhf_worker::stages::pt::run(&pt)?;
+    let r = rlhf_worker::stages::run_single(&pt)?;
     let before = r.initial_eval.map(|e| e.perplexity).unwrap_or(f64::NAN);
     let after = r.summary.eval.map(|e| e.perplexity).unwrap_or(f64::NAN);
     println!(

@@ -95,7 +95,7 @@ struct InitModelCli {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pt(args) => {
-            let r = stages::pt::run(&args)?;
+            let r = stages::run_single(&args)?;
             let mut out = serde_json::json!({
                 "global_step": r.summary.global_step,
                 "train_loss": r.summary.train_loss,
@@ -115,7 +115,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{out}");
         }
         Command::Sft(args) => {
-            let r = stages::sft::run(&args)?;
+            let r = stages::run_single(&args)?;
             let mut out = serde_json::json!({
                 "global_step": r.summary.global_step,
                 "train_loss": r.summary.train_loss,
@@ -138,7 +138,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{out}");
         }
         Command::Rm(args) => {
-            let r = stages::rm::run(&args)?;
+            let r = stages::run_single(&args)?;
             let mut out = serde_json::json!({
                 "global_step": r.summary.global_step,
                 "train_loss": r.summary.train_loss,

@@ -522,7 +522,7 @@ fn two_data_parallel_ranks_train_what_one_rank_trains() {
         ])
         .args
     };
-    let one = rlhf_worker::stages::rm::run(&args("one", "4")).unwrap();
+    let one = rlhf_worker::stages::run_single(&args("one", "4")).unwrap();
     let shared = std::sync::Arc::new((
         std::sync::Mutex::new(vec![Vec::new(); 2]),
         std::sync::Barrier::new(2),

@@ -225,7 +225,8 @@ fn run_training_stage<S: DistStage, B: Backend>(
         reported: resumed.into_iter().collect(),
         step_delay: ctx.step_delay,
     };
-    let (finished, results) = args.run_rank(be, collective.as_mut(), global_batch, &mut hooks)?;
+    let (finished, results) =
+        S::outcome(args.run_dist(be, collective.as_mut(), global_batch, &mut hooks)?);
     collective.finish()?;
     if !finished {
         bail!("the stage stopped before its last step");

@@ -21,49 +21,73 @@ use anyhow::{Context, Result};
 use rlhf_kernels::Backend;
 use std::path::Path;
 
-/// A training stage as the worker agent runs it: one rank of a data-parallel
-/// stage, its arguments parsed by the same clap definition as its subcommand.
+/// A training stage: one rank of a data-parallel stage (the worker agent
+/// runs it so, its arguments parsed by the same clap definition as its
+/// subcommand), or the whole stage in one process ([`run_single`]).
 pub trait DistStage: clap::Args + Sized {
     /// The subcommand and pipeline stage kind (`"pt"`).
     const KIND: &'static str;
+    /// What the stage reports (`PtResult`, ...).
+    type Output;
     fn training(&self) -> &args::TrainingArgs;
-    /// Run as one rank. Returns whether the stage ran to its last step, and
-    /// its results (all_results.json; null on ranks other than 0).
-    fn run_rank<B: Backend>(
+    /// Run as one rank.
+    fn run_dist<B: Backend>(
         &self,
         be: B,
         collective: &mut dyn Collective<B>,
         global_batch: Option<usize>,
         hooks: &mut dyn TrainHooks,
-    ) -> Result<(bool, serde_json::Value)>;
+    ) -> Result<Self::Output>;
+    /// Whether the stage ran to its last step, and its results
+    /// (all_results.json; null on ranks other than 0).
+    fn outcome(out: Self::Output) -> (bool, serde_json::Value);
 }
 
-/// `impl DistStage` for a stage whose `run_dist` returns a result with
+/// `impl DistStage` for a stage module whose `run_dist` returns a result with
 /// `summary.finished` and `results` (all of them do).
 macro_rules! dist_stage {
-    ($args:ty, $kind:literal, $run_dist:path) => {
+    ($args:ty, $kind:literal, $module:ident, $output:ty) => {
         impl DistStage for $args {
             const KIND: &'static str = $kind;
+            type Output = $output;
             fn training(&self) -> &args::TrainingArgs {
                 &self.training
             }
-            fn run_rank<B: Backend>(
+            fn run_dist<B: Backend>(
                 &self,
                 be: B,
                 collective: &mut dyn Collective<B>,
                 global_batch: Option<usize>,
                 hooks: &mut dyn TrainHooks,
-            ) -> Result<(bool, serde_json::Value)> {
-                let r = $run_dist(be, self, collective, global_batch, hooks)?;
-                Ok((r.summary.finished, r.results))
+            ) -> Result<$output> {
+                $module::run_dist(be, self, collective, global_batch, hooks)
+            }
+            fn outcome(r: $output) -> (bool, serde_json::Value) {
+                (r.summary.finished, r.results)
             }
         }
     };
 }
 
-dist_stage!(pt::PtArgs, "pt", pt::run_dist);
-dist_stage!(sft::SftArgs, "sft", sft::run_dist);
-dist_stage!(rm::RmArgs, "rm", rm::run_dist);
+dist_stage!(pt::PtArgs, "pt", pt, pt::PtResult);
+dist_stage!(sft::SftArgs, "sft", sft, sft::SftResult);
+dist_stage!(rm::RmArgs, "rm", rm, rm::RmResult);
+
+/// A training stage in one process (`rlhf pt`, `rlhf sft`, `rlhf rm`), on
+/// the device its `--device` asks for.
+pub fn run_single<S: DistStage>(args: &S) -> Result<S::Output> {
+    use crate::collective::Single;
+    use crate::train::NoHooks;
+    let dtype = args.training().cuda_dtype()?;
+    match args.training().device {
+        args::Device::Cpu => args.run_dist(rlhf_kernels::Cpu, &mut Single, None, &mut NoHooks),
+        args::Device::Cuda(n) => {
+            let be = rlhf_kernels::cuda::Cuda::new(n, dtype)?;
+            tracing::info!(device = ?be, "CUDA backend ready");
+            args.run_dist(be, &mut Single, None, &mut NoHooks)
+        }
+    }
+}
 
 /// The model a training stage starts from: `--model_name_or_path` with the
 /// stage's head, LoRA or full per `--use_peft`, `--peft_path` loaded to

@@ -1,18 +1,17 @@
 //! `rlhf pt`: continued pre-training (MedicalGPT `pretraining.py`): text files
 //! → tokens → EOS-joined blocks of block_size → causal-LM training.
 
-use super::args::{parse_bool, Device, ModelArgs, TrainingArgs};
-use crate::collective::{Collective, Single};
+use super::args::{parse_bool, ModelArgs, TrainingArgs};
+use crate::collective::Collective;
 use crate::data::pretrain::{build_pt_blocks, read_text_dir, PtDataArgs};
 use crate::fsutil::write_json_atomic;
 use crate::model::params::Head;
 use crate::model::weights::SaveDtype;
 use crate::tokenizer::Tokenizer;
-use crate::train::{train_dist, Dist, EvalResult, NoHooks, Sample, TrainHooks, TrainSummary};
+use crate::train::{train_dist, Dist, EvalResult, Sample, TrainHooks, TrainSummary};
 use anyhow::{Context, Result};
 use clap::Args;
-use rlhf_kernels::cuda::Cuda;
-use rlhf_kernels::{Backend, Cpu};
+use rlhf_kernels::Backend;
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -56,19 +55,6 @@ pub struct PtResult {
     pub initial_eval: Option<EvalResult>,
     /// all_results.json as written (rank 0; Null on other ranks).
     pub results: serde_json::Value,
-}
-
-/// `rlhf pt` in one process, on the device it asks for.
-pub fn run(args: &PtArgs) -> Result<PtResult> {
-    let dtype = args.training.cuda_dtype()?;
-    match args.training.device {
-        Device::Cpu => run_dist(Cpu, args, &mut Single, None, &mut NoHooks),
-        Device::Cuda(n) => {
-            let be = Cuda::new(n, dtype)?;
-            tracing::info!(device = ?be, "CUDA backend ready");
-            run_dist(be, args, &mut Single, None, &mut NoHooks)
-        }
-    }
 }
 
 /// One rank of a data-parallel PT stage. `global_batch` defaults to

@@ -11,8 +11,8 @@
 //! id for batches > 1); evaluation reports pairwise accuracy and the mean
 //! margin beside the loss.
 
-use super::args::{parse_bool, Device, ModelArgs, TrainingArgs};
-use crate::collective::{Collective, Single};
+use super::args::{parse_bool, ModelArgs, TrainingArgs};
+use crate::collective::Collective;
 use crate::data::chat::{Message, Role};
 use crate::data::pretrain::split_train_validation;
 use crate::data::reward::{pair_texts, read_pair_dir, PreferencePair, ReadPairs};
@@ -23,11 +23,10 @@ use crate::model::weights::SaveDtype;
 use crate::model::{Batch, Llama};
 use crate::tokenizer::Tokenizer;
 use crate::train::trainer::{sum_over_ranks, train_objective, EvalReport, MicroStats, Objective};
-use crate::train::{Dist, NoHooks, TrainHooks, TrainSummary};
+use crate::train::{Dist, TrainHooks, TrainSummary};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use rlhf_kernels::cuda::Cuda;
-use rlhf_kernels::{Backend, Cpu};
+use rlhf_kernels::Backend;
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -347,19 +346,6 @@ pub struct RmResult {
     pub too_long: usize,
     /// all_results.json as written (rank 0; Null on other ranks).
     pub results: serde_json::Value,
-}
-
-/// `rlhf rm` in one process, on the device it asks for.
-pub fn run(args: &RmArgs) -> Result<RmResult> {
-    let dtype = args.training.cuda_dtype()?;
-    match args.training.device {
-        Device::Cpu => run_dist(Cpu, args, &mut Single, None, &mut NoHooks),
-        Device::Cuda(n) => {
-            let be = Cuda::new(n, dtype)?;
-            tracing::info!(device = ?be, "CUDA backend ready");
-            run_dist(be, args, &mut Single, None, &mut NoHooks)
-        }
-    }
 }
 
 /// Cut a list to its first `max` entries (MedicalGPT's `select(range(max))`).

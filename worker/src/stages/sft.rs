@@ -9,9 +9,9 @@
 //! validation and the first `max_*_samples` of each part are kept. The
 //! trainer shuffles the training samples per epoch from `--seed`.
 
-use super::args::{parse_bool, Device, ModelArgs, TrainingArgs};
+use super::args::{parse_bool, ModelArgs, TrainingArgs};
 use super::qa_eval::QaAccuracy;
-use crate::collective::{Collective, Single};
+use crate::collective::Collective;
 use crate::data::chat::{read_sft_dir, Conversation, SftRecords};
 use crate::data::pretrain::split_train_validation;
 use crate::data::sft::{fix_special_tokens, tokenize_conversations, SftTokenizeArgs, IGNORE_INDEX};
@@ -20,11 +20,10 @@ use crate::fsutil::write_json_atomic;
 use crate::model::params::Head;
 use crate::model::weights::SaveDtype;
 use crate::tokenizer::Tokenizer;
-use crate::train::{train_dist, Dist, EvalResult, NoHooks, TrainHooks, TrainSummary};
+use crate::train::{train_dist, Dist, EvalResult, TrainHooks, TrainSummary};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use rlhf_kernels::cuda::Cuda;
-use rlhf_kernels::{Backend, Cpu};
+use rlhf_kernels::Backend;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -98,19 +97,6 @@ pub struct SftResult {
     pub all_labels_ignored: usize,
     /// all_results.json as written (rank 0; Null on other ranks).
     pub results: serde_json::Value,
-}
-
-/// `rlhf sft` in one process, on the device it asks for.
-pub fn run(args: &SftArgs) -> Result<SftResult> {
-    let dtype = args.training.cuda_dtype()?;
-    match args.training.device {
-        Device::Cpu => run_dist(Cpu, args, &mut Single, None, &mut NoHooks),
-        Device::Cuda(n) => {
-            let be = Cuda::new(n, dtype)?;
-            tracing::info!(device = ?be, "CUDA backend ready");
-            run_dist(be, args, &mut Single, None, &mut NoHooks)
-        }
-    }
 }
 
 /// Conversations of the train and validation parts, after the split and the

@@ -575,7 +575,7 @@ fn normalise(
 /// MedicalGPT's text for a `function_call` turn without `--tool_format`:
 /// `Action: {name}\nAction Input: {json.dumps(arguments, ensure_ascii=False)}`
 /// when the value is an object with `name` and `arguments`, else the value.
-fn function_call_text(value: &str) -> String {
+pub(crate) fn function_call_text(value: &str) -> String {
     let parsed: Value = match serde_json::from_str(value) {
         Ok(v) => v,
         Err(_) => return value.to_string(),

@@ -691,7 +691,10 @@ const GROUPS: [(&str, &[&str]); 10] = [
     ("GEMM (linears, lm_head)", &["gemm linear", "gemm lm_head"]),
     ("GEMM (LoRA factors)", &["gemm lora"]),
     ("attention", &["attention"]),
-    ("cross-entropy", &["cross_entropy"]),
+    (
+        "cross-entropy, entropy",
+        &["cross_entropy", "softmax_entropy"],
+    ),
     ("rmsnorm", &["rmsnorm"]),
     ("rope", &["rope"]),
     ("swiglu", &["swiglu"]),
@@ -1077,10 +1080,19 @@ impl<B: Backend> Backend for Prof<B> {
         logits: B::ViewMut<'_>,
         targets: &[i32],
         v: usize,
-        grad_scale: Option<f32>,
+        grad_scales: Option<&[f32]>,
     ) -> rlhf_kernels::backend::Result<Vec<f32>> {
         self.time("cross_entropy", 0.0, || {
-            self.inner.cross_entropy(logits, targets, v, grad_scale)
+            self.inner.cross_entropy(logits, targets, v, grad_scales)
+        })
+    }
+    fn softmax_entropy(
+        &self,
+        logits: B::View<'_>,
+        v: usize,
+    ) -> rlhf_kernels::backend::Result<Vec<f32>> {
+        self.time("softmax_entropy", 0.0, || {
+            self.inner.softmax_entropy(logits, v)
         })
     }
     fn adamw(

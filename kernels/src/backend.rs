@@ -337,16 +337,24 @@ pub trait Backend: Send + Sync {
 
     // ---- softmax cross-entropy -------------------------------------------
     /// logits: [N,V]; targets: [N] with -100 = ignored. Returns the per-row loss
-    /// −log softmax(logits)[target] (0 for ignored rows). When `grad_scale` is
-    /// Some(s), logits are overwritten in place by s·(softmax − onehot(target))
-    /// (zero rows for ignored targets) — the gradient, without a second [N,V] buffer.
+    /// −log softmax(logits)[target] (0 for ignored rows). When `grad_scales` is
+    /// Some(s) (s: [N]), row n of the logits is overwritten by
+    /// s[n]·(softmax − onehot(target[n])) — the gradient of Σ_n s[n]·loss[n] —
+    /// (zero rows for ignored targets), without a second [N,V] buffer.
     fn cross_entropy(
         &self,
         logits: Self::ViewMut<'_>,
         targets: &[i32],
         v: usize,
-        grad_scale: Option<f32>,
+        grad_scales: Option<&[f32]>,
     ) -> Result<Vec<f32>>;
+
+    // ---- softmax entropy -------------------------------------------------
+    /// Entropy of softmax over each row of logits [N,V]:
+    /// H[n] = logsumexp(x_n) − Σ_j softmax(x_n)_j·x_n,j. Read only; returns [N]
+    /// (f32, accumulated in f64 on the CPU). A −inf logit adds nothing; a NaN
+    /// logit, or a row without a finite logit, gives NaN.
+    fn softmax_entropy(&self, logits: Self::View<'_>, v: usize) -> Result<Vec<f32>>;
 
     // ---- LoRA linear (frozen W) --------------------------------------------
     /// y[N,OUT] (=|+=) x·Wᵀ + s·dropout(x)·Aᵀ·Bᵀ; keeps xa[N,R] = dropout(x)·Aᵀ

@@ -793,18 +793,26 @@ fn cross_entropy_matches_cpu() {
         logits[3 * v + 7] = 40.0; // a dominant logit
         logits[5 * v..6 * v].iter_mut().for_each(|x| *x -= 30.0); // a shifted row
         let lr = round(dt, &logits);
-        for grad_scale in [None, Some(0.25f32)] {
+        // One scale per row: distinct, negative, an exact 0 (row 2) and one
+        // on an ignored row (row 4, must still give a zero row).
+        let scales: [f32; 7] = [0.5, 0.25, 0.0, -1.5, 3.0, 2.0, -0.125];
+        for grad_scales in [None, Some(&scales[..])] {
             let got = deterministic("cross_entropy", || {
                 let mut lb = Dev::new(cu, &logits, dt);
-                let loss = cu.cross_entropy(lb.m(), &targets, v, grad_scale).unwrap();
+                let loss = cu.cross_entropy(lb.m(), &targets, v, grad_scales).unwrap();
                 vec![loss, lb.get()]
             });
             let mut want_logits = lr.clone();
             let want = Cpu
-                .cross_entropy(&mut want_logits, &targets, v, grad_scale)
+                .cross_entropy(&mut want_logits, &targets, v, grad_scales)
                 .unwrap();
+            let with = if grad_scales.is_some() {
+                "with grad"
+            } else {
+                "loss only"
+            };
             assert_rel(
-                &format!("cross_entropy loss {grad_scale:?}"),
+                &format!("cross_entropy loss ({with})"),
                 cu,
                 &got[0],
                 &want,
@@ -815,30 +823,123 @@ fn cross_entropy_matches_cpu() {
                     assert_eq!(got[0][row], 0.0, "ignored row {row} has a loss");
                 }
             }
-            if grad_scale.is_some() {
+            if grad_scales.is_some() {
                 assert_rel("cross_entropy grad", cu, &got[1], &want_logits, tol);
+                // Each row on its own (a row's error cannot hide in the
+                // others'): zero rows exactly zero, the others to tolerance.
+                for row in 0..n {
+                    let (g, w) = (
+                        &got[1][row * v..(row + 1) * v],
+                        &want_logits[row * v..(row + 1) * v],
+                    );
+                    if targets[row] == -100 || scales[row] == 0.0 {
+                        assert!(g.iter().all(|&x| x == 0.0), "row {row} must be zero");
+                    } else {
+                        assert_rel(&format!("cross_entropy grad row {row}"), cu, g, w, tol);
+                    }
+                }
             } else {
                 assert_eq!(
                     bits(&got[1]),
                     bits(&lr),
-                    "cross_entropy without grad_scale wrote the logits"
+                    "cross_entropy without grad_scales wrote the logits"
                 );
             }
         }
     }
     // A NaN logit makes the row's loss NaN (the kernel's documented
-    // behaviour). NOTE: the CPU op differs here — its simd::exp maps NaN to
-    // about 1.6e-38, so its loss stays finite — hence no comparison.
+    // behaviour), as on the CPU (simd::exp keeps NaN).
     for (cu, _) in &all {
         let mut logits = vec![0.5f32; 2 * 40];
         logits[7] = f32::NAN;
         let mut lb = Dev::new(cu, &logits, cu.dtype());
-        let loss = cu.cross_entropy(lb.m(), &[3, 3], 40, Some(1.0)).unwrap();
+        let loss = cu
+            .cross_entropy(lb.m(), &[3, 3], 40, Some(&[1.0, 1.0]))
+            .unwrap();
+        let cpu_loss = Cpu
+            .cross_entropy(&mut logits.clone(), &[3, 3], 40, Some(&[1.0, 1.0]))
+            .unwrap();
+        for l in [&loss, &cpu_loss] {
+            assert!(
+                l[0].is_nan() && (l[1] - 40f32.ln()).abs() < 1e-6,
+                "{l:?} [{}]",
+                cu.dtype().name()
+            );
+        }
+    }
+    // Wrong number of scales: the CPU op's Shape error, nothing written.
+    for (cu, _) in &all {
+        let logits = vec![0.5f32; 2 * 40];
+        let mut lb = Dev::new(cu, &logits, cu.dtype());
+        let err = cu
+            .cross_entropy(lb.m(), &[3, 3], 40, Some(&[1.0]))
+            .unwrap_err();
+        assert!(err.to_string().contains("grad_scales"), "{err}");
+        assert_eq!(lb.get(), round(cu.dtype(), &logits));
+    }
+}
+
+// ---- softmax entropy -----------------------------------------------------------------------
+
+#[test]
+fn softmax_entropy_matches_cpu() {
+    let all = backends("softmax_entropy_matches_cpu");
+    let mut r = rng(19);
+    let ninf = f32::NEG_INFINITY;
+    // V = 300 < 512 threads (idle threads), V = 1100 (a thread reads several
+    // logits and rescales its running max).
+    for (v, cu, tol) in all
+        .iter()
+        .flat_map(|(cu, tol)| [(300, cu, *tol), (1100, cu, *tol)])
+    {
+        let dt = cu.dtype();
+        let n = 6;
+        let mut logits = random(&mut r, n * v, 4.0);
+        logits[v + 7] = 40.0; // row 1: one dominant logit (H ≈ 0)
+        logits[2 * v..3 * v].iter_mut().for_each(|x| *x -= 30.0); // row 2: shifted
+        logits[3 * v..4 * v].iter_mut().for_each(|x| *x = 2.5); // row 3: uniform (ln V)
+        for j in (0..v).filter(|j| j % 3 != 1) {
+            logits[4 * v + j] = ninf; // row 4: two thirds masked out
+        }
+        logits[5 * v..6 * v].iter_mut().for_each(|x| *x *= 5.0); // row 5: peaked
+        let lr = round(dt, &logits);
+        let got = deterministic("softmax_entropy", || {
+            let lb = Dev::at(cu, &logits, dt, 3);
+            let h = cu.softmax_entropy(lb.v(), v).unwrap();
+            vec![h, lb.get()]
+        });
+        assert_eq!(bits(&got[1]), bits(&lr), "softmax_entropy wrote the logits");
+        let want = Cpu.softmax_entropy(&lr, v).unwrap();
+        assert_rel("softmax_entropy", cu, &got[0], &want, tol.max(1e-6));
+        // Each row on its own (the small entropy of row 1 cannot hide in the
+        // others'): against the CPU on the same rounded inputs.
+        for row in 0..n {
+            let (g, w) = (got[0][row] as f64, want[row] as f64);
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "softmax_entropy row {row} [{}]: {g} vs {w}",
+                dt.name()
+            );
+        }
         assert!(
-            loss[0].is_nan() && (loss[1] - 40f32.ln()).abs() < 1e-6,
-            "{loss:?} [{}]",
+            (got[0][3] as f64 - (v as f64).ln()).abs() < 1e-5,
+            "uniform row"
+        );
+    }
+    // NaN propagates to its row only; a row without a finite logit is NaN.
+    for (cu, _) in &all {
+        let mut logits = vec![0.5f32; 3 * 40];
+        logits[7] = f32::NAN;
+        logits[80..120].iter_mut().for_each(|x| *x = ninf);
+        let lb = Dev::new(cu, &logits, cu.dtype());
+        let h = cu.softmax_entropy(lb.v(), 40).unwrap();
+        assert!(
+            h[0].is_nan() && (h[1] - 40f32.ln()).abs() < 1e-6 && h[2].is_nan(),
+            "{h:?} [{}]",
             cu.dtype().name()
         );
+        let err = cu.softmax_entropy(lb.v(), 7).unwrap_err();
+        assert!(err.to_string().contains("softmax_entropy"), "{err}");
     }
 }
 

@@ -13,17 +13,55 @@ use rayon::prelude::*;
 pub const IGNORE: i32 = -100;
 
 /// Per-row loss −log softmax(logits)[target] (0 for ignored rows). With
-/// `grad_scale` = Some(s), logits become s·(softmax − onehot(target)), zero rows
-/// for ignored targets.
+/// `grad_scales` = Some(s) (s: [N]), row n of the logits becomes
+/// s[n]·(softmax − onehot(target[n])) — the gradient of Σ_n s[n]·loss[n] —
+/// and zero for ignored targets.
 pub fn cross_entropy(
     logits: &mut [f32],
     targets: &[i32],
     v: usize,
-    grad_scale: Option<f32>,
+    grad_scales: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
+    let n = check_inputs(logits.len(), targets, v, grad_scales)?;
+    let mut losses = vec![0.0f32; n]; // [N]
+    let write_grad = grad_scales.is_some();
+    // Without gradients every row's scale is unused: read 0.
+    let no_scales = vec![0.0f32; if write_grad { 0 } else { n }];
+    let scales = grad_scales.unwrap_or(&no_scales); // [N]
+    logits
+        .par_chunks_mut(v)
+        .zip(targets.par_iter())
+        .zip(scales.par_iter())
+        .zip(losses.par_iter_mut())
+        .with_min_len(rows_per_task(v))
+        .for_each(|(((row, &t), &s), loss)| {
+            if t == IGNORE {
+                if write_grad {
+                    row.fill(0.0);
+                }
+                return;
+            }
+            *loss = row_loss(row, t as usize, s, write_grad);
+        });
+    Ok(losses)
+}
+
+/// Checks the arguments of a cross-entropy over `logits_len` = N·V logits
+/// (shared with the CUDA backend, which must reject the same inputs before
+/// launching): V divides the logits, one target per row, each −100 or in
+/// [0, V), and one gradient scale per row. Returns N.
+pub(crate) fn check_inputs(
+    logits_len: usize,
+    targets: &[i32],
+    v: usize,
+    grad_scales: Option<&[f32]>,
+) -> Result<usize> {
     const OP: &str = "cross_entropy";
-    let n = rows_of(OP, "logits", logits.len(), v)?;
+    let n = rows_of(OP, "logits", logits_len, v)?;
     expect_len(OP, "targets", targets.len(), n)?;
+    if let Some(s) = grad_scales {
+        expect_len(OP, "grad_scales", s.len(), n)?;
+    }
     for (row, &t) in targets.iter().enumerate() {
         if t == IGNORE {
             continue;
@@ -42,28 +80,7 @@ pub fn cross_entropy(
             });
         }
     }
-
-    let mut losses = vec![0.0f32; n]; // [N]
-    logits
-        .par_chunks_mut(v)
-        .zip(targets.par_iter())
-        .zip(losses.par_iter_mut())
-        .with_min_len(rows_per_task(v))
-        .for_each(|((row, &t), loss)| {
-            if t == IGNORE {
-                if grad_scale.is_some() {
-                    row.fill(0.0);
-                }
-                return;
-            }
-            *loss = row_loss(
-                row,
-                t as usize,
-                grad_scale.unwrap_or(0.0),
-                grad_scale.is_some(),
-            );
-        });
-    Ok(losses)
+    Ok(n)
 }
 
 simd_fn! {
@@ -88,7 +105,8 @@ simd_fn! {
     }
 }
 
-/// Reference: plain loops in f64. Returns (loss[N], dlogits[N,V] for scale s).
+/// Reference: plain loops in f64. Returns (loss[N], dlogits[N,V]) where row n
+/// of dlogits is scales[n]·(softmax − onehot(target[n])), zero when ignored.
 pub mod naive {
     use super::IGNORE;
 
@@ -96,7 +114,7 @@ pub mod naive {
         logits: &[f64],
         targets: &[i32],
         v: usize,
-        s: f64,
+        scales: &[f64],
     ) -> (Vec<f64>, Vec<f64>) {
         let n = targets.len();
         let mut loss = vec![0.0; n];
@@ -116,7 +134,7 @@ pub mod naive {
             loss[i] = lse - row[t];
             for j in 0..v {
                 let onehot = if j == t { 1.0 } else { 0.0 };
-                grad[i * v + j] = s * ((row[j] - lse).exp() - onehot);
+                grad[i * v + j] = scales[i] * ((row[j] - lse).exp() - onehot);
             }
         }
         (loss, grad)
@@ -141,6 +159,19 @@ mod tests {
             .collect()
     }
 
+    /// Distinct per-row scales in [−2, 2), with an exact 0 every fifth row.
+    fn scales(r: &mut impl Rng, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                if i % 5 == 2 {
+                    0.0
+                } else {
+                    r.random_range(-2.0f32..2.0)
+                }
+            })
+            .collect()
+    }
+
     #[test]
     fn matches_naive() {
         let mut r = rng(80);
@@ -148,37 +179,62 @@ mod tests {
             // Logits spread over ±20 so the max-subtraction matters.
             let logits: Vec<f32> = uniform(&mut r, n * v).iter().map(|x| 20.0 * x).collect();
             let t = targets(&mut r, n, v);
-            let (want_loss, want_grad) = naive::cross_entropy(&to64(&logits), &t, v, 0.25);
+            let s = scales(&mut r, n);
+            let (want_loss, want_grad) = naive::cross_entropy(&to64(&logits), &t, v, &to64(&s));
 
             let mut l = logits.clone();
             let loss = cross_entropy(&mut l, &t, v, None).unwrap();
             assert_close("loss (no grad)", &loss, &want_loss, 1e-5);
-            assert_eq!(l, logits, "logits must be untouched without grad_scale");
+            assert_eq!(l, logits, "logits must be untouched without grad_scales");
 
-            let loss = cross_entropy(&mut l, &t, v, Some(0.25)).unwrap();
+            let loss = cross_entropy(&mut l, &t, v, Some(&s)).unwrap();
             assert_close("loss", &loss, &want_loss, 1e-5);
             assert_close("dlogits", &l, &want_grad, 1e-5);
+            for (row, (&si, &ti)) in s.iter().zip(&t).enumerate() {
+                if si == 0.0 || ti == IGNORE {
+                    let g = &l[row * v..(row + 1) * v];
+                    assert!(g.iter().all(|&x| x == 0.0), "row {row} must be zero");
+                }
+            }
         }
     }
 
     #[test]
+    fn one_scale_for_every_row_is_a_uniform_scale() {
+        // The old single-scale op: s·(softmax − onehot) on every row.
+        let mut r = rng(82);
+        let (n, v) = (12, 40);
+        let logits: Vec<f32> = uniform(&mut r, n * v).iter().map(|x| 5.0 * x).collect();
+        let t = targets(&mut r, n, v);
+        let (_, want) = naive::cross_entropy(&to64(&logits), &t, v, &vec![0.25; n]);
+        let mut l = logits.clone();
+        cross_entropy(&mut l, &t, v, Some(&vec![0.25; n])).unwrap();
+        assert_close("dlogits", &l, &want, 1e-5);
+    }
+
+    #[test]
     fn gradient_matches_finite_differences() {
+        // The gradient of Σ_n s[n]·loss[n], with mixed-sign scales and an
+        // ignored row (row 3).
         let mut r = rng(81);
-        let (n, v, s) = (4, 6, 0.5);
+        let (n, v) = (5, 6);
         let logits = uniform(&mut r, n * v);
         let t = targets(&mut r, n, v);
+        let s = [0.5f32, -1.5, 0.0, 2.0, 0.75];
+        let s64 = to64(&s);
         let fd = fd_grad(&to64(&logits), |x| {
-            s * naive::cross_entropy(x, &t, v, s).0.iter().sum::<f64>()
+            let loss = naive::cross_entropy(x, &t, v, &s64).0;
+            loss.iter().zip(&s64).map(|(l, s)| l * s).sum::<f64>()
         });
         let mut g = logits.clone();
-        cross_entropy(&mut g, &t, v, Some(s as f32)).unwrap();
+        cross_entropy(&mut g, &t, v, Some(&s)).unwrap();
         assert_close("dlogits vs fd", &g, &fd, 1e-5);
     }
 
     #[test]
     fn huge_logits_stay_finite() {
         let mut l = vec![1e30f32, -1e30, 0.0, 88.0, 89.0, 1000.0];
-        let loss = cross_entropy(&mut l, &[1, 2], 3, Some(1.0)).unwrap();
+        let loss = cross_entropy(&mut l, &[1, 2], 3, Some(&[1.0, -1.0])).unwrap();
         assert!(
             loss.iter().chain(&l).all(|x| x.is_finite()),
             "{loss:?} {l:?}"
@@ -205,6 +261,20 @@ mod tests {
             cross_entropy(&mut l, &[0, 0], 4, None),
             Err(KernelError::Shape { .. })
         ));
-        assert!(cross_entropy(&mut l, &[0, IGNORE], 3, Some(1.0)).is_ok());
+        assert!(cross_entropy(&mut l, &[0, IGNORE], 3, Some(&[1.0, 1.0])).is_ok());
+    }
+
+    #[test]
+    fn wrong_number_of_grad_scales_is_a_shape_error() {
+        let logits = vec![0.5f32; 6];
+        for s in [&[1.0f32][..], &[1.0, 1.0, 1.0], &[]] {
+            let mut l = logits.clone();
+            let err = cross_entropy(&mut l, &[0, 1], 3, Some(s)).unwrap_err();
+            assert!(
+                matches!(&err, KernelError::Shape { msg, .. } if msg.contains("grad_scales")),
+                "{err}"
+            );
+            assert_eq!(l, logits, "a rejected call must not write");
+        }
     }
 }

@@ -21,6 +21,7 @@ mod par;
 pub mod rmsnorm;
 pub mod rope;
 mod simd;
+pub mod softmax_entropy;
 pub mod swiglu;
 #[cfg(test)]
 mod testutil;
@@ -254,9 +255,14 @@ impl Backend for Cpu {
         logits: &mut [f32],
         targets: &[i32],
         v: usize,
-        grad_scale: Option<f32>,
+        grad_scales: Option<&[f32]>,
     ) -> Result<Vec<f32>> {
-        cross_entropy::cross_entropy(logits, targets, v, grad_scale)
+        cross_entropy::cross_entropy(logits, targets, v, grad_scales)
+    }
+
+    // ---- softmax entropy ------------------------------------------------
+    fn softmax_entropy(&self, logits: &[f32], v: usize) -> Result<Vec<f32>> {
+        softmax_entropy::softmax_entropy(logits, v)
     }
 
     // ---- optimizer ------------------------------------------------------

@@ -24,6 +24,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("swiglu.cu", include_str!("swiglu.cu")),
     ("dropout.cu", include_str!("dropout.cu")),
     ("cross_entropy.cu", include_str!("cross_entropy.cu")),
+    ("softmax_entropy.cu", include_str!("softmax_entropy.cu")),
     ("adamw.cu", include_str!("adamw.cu")),
     ("lora.cu", include_str!("lora.cu")),
 ];

@@ -2,8 +2,9 @@
 // (blockDim.x a multiple of 32, ≤ 1024). Each thread keeps an online
 // (running max m, Σ e^(x − m)) over its strided part of the row, so the row is
 // read once for the loss (V is 150k for Qwen: no softmax buffer). The block
-// then combines the pairs in a fixed order (deterministic). With write_grad,
-// a second pass overwrites the row in place with s·(softmax − onehot(t)).
+// then combines the pairs in a fixed order (deterministic). With per-row
+// gradient scales, a second pass overwrites row n in place with
+// scales[n]·(softmax − onehot(t)): the gradient of Σ_n scales[n]·loss[n].
 
 #define CROSS_ENTROPY_IGNORE (-100)
 // −inf (NVRTC has no INFINITY without <math.h>).
@@ -11,6 +12,7 @@
 
 // Max over the block in a fixed order; every thread gets it. Like the CPU's
 // max, NaN inputs are passed over (they reach the loss through the sum).
+// Also used by softmax_entropy.cu (one NVRTC program), as is the −inf above.
 __device__ __forceinline__ float cross_entropy_block_max(float v) {
     __shared__ float cross_entropy_max_part[32];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -22,14 +24,16 @@ __device__ __forceinline__ float cross_entropy_block_max(float v) {
     return warp_max(t);
 }
 
-// loss[row] = −log softmax(logits[row])[t] (0 when t = −100); with write_grad,
-// logits[row] = scale·(softmax − onehot(t)) (zeros when t = −100). Targets are
-// checked on the host: t = −100 or 0 ≤ t < V.
+// loss[row] = −log softmax(logits[row])[t] (0 when t = −100); when scales is
+// not null (one f32 per row), logits[row] = scales[row]·(softmax − onehot(t))
+// (zeros when t = −100). Targets are checked on the host: t = −100 or
+// 0 ≤ t < V.
 extern "C" __global__ void cross_entropy_rows(void* logits, int dt, const int* targets, float* loss, i64 v,
-                                              int write_grad, float scale) {
+                                              const float* scales) {
     i64 row = blockIdx.x;
     i64 base = row * v;
     int t = targets[row];  // the same for the whole block: branches are uniform
+    bool write_grad = scales != nullptr;  // uniform too
     if (t == CROSS_ENTROPY_IGNORE) {
         if (threadIdx.x == 0) loss[row] = 0.0f;
         if (write_grad)
@@ -62,7 +66,8 @@ extern "C" __global__ void cross_entropy_rows(void* logits, int dt, const int* t
     // Every thread is past the barriers of the two block reductions, so every
     // read of the first pass is done; each element below is read and then
     // written by the same thread.
-    float k = (float)((double)scale / sum);  // s / Σ e^(x − mx)
+    float scale = scales[row];
+    float k = (float)((double)scale / sum);  // scale / Σ e^(x − mx)
     for (i64 j = threadIdx.x; j < v; j += blockDim.x) {
         float g = expf(ld(logits, dt, base + j) - mx) * k;
         if (j == t) g -= scale;

@@ -30,6 +30,7 @@ mod memory;
 pub mod nccl;
 mod rmsnorm;
 mod rope;
+mod softmax_entropy;
 mod swiglu;
 
 use crate::backend::{
@@ -299,7 +300,8 @@ impl Cuda {
         }
     }
 
-    /// Small integer inputs (ids, positions, masks, seeds) copied to the device.
+    /// Small host inputs (ids, positions, masks, seeds, per-row f32 scales)
+    /// copied to the device.
     pub(crate) fn upload_ints<T: cudarc::driver::DeviceRepr + Copy>(
         &self,
         host: &[T],
@@ -645,9 +647,14 @@ impl Backend for Cuda {
         logits: CudaViewMut<'_>,
         targets: &[i32],
         v: usize,
-        grad_scale: Option<f32>,
+        grad_scales: Option<&[f32]>,
     ) -> Result<Vec<f32>> {
-        cross_entropy::cross_entropy(self, logits, targets, v, grad_scale)
+        cross_entropy::cross_entropy(self, logits, targets, v, grad_scales)
+    }
+
+    // ---- softmax entropy ------------------------------------------------
+    fn softmax_entropy(&self, logits: CudaView<'_>, v: usize) -> Result<Vec<f32>> {
+        softmax_entropy::softmax_entropy(self, logits, v)
     }
 
     // ---- LoRA linear (fused) ----------------------------------------------

@@ -664,11 +664,13 @@ impl<B: Backend> Llama<B> {
     fn loss(&mut self, batch: &Batch, grad_scale: Option<f32>) -> Result<LossStats> {
         let targets = batch.shifted_targets();
         let acts = self.acts.as_mut().context("activations")?;
+        // The same scale for every row: the gradient of grad_scale·Σ loss.
+        let grad_scales = grad_scale.map(|s| vec![s; targets.len()]); // [N]
         let losses = self.be.cross_entropy(
             all_mut(&self.be, &mut acts.w.logits),
             &targets,
             self.cfg.vocab_size,
-            grad_scale,
+            grad_scales.as_deref(),
         )?;
         let tokens = targets.iter().filter(|&&t| t != -100).count();
         let loss_sum = losses.iter().map(|&x| x as f64).sum();

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -244,7 +244,7 @@ fn build<B: Backend>(be: B, s: &Setup, seed: u64) -> Result<Llama<B>> {
                 let bound = 1.0 / (e.shape[1] as f32).sqrt();
                 (0..e.slot.len).map(|_| bound * rng.sym()).collect()
             }
-            TensorKind::LoraB => vec![0.0; e.slot.len],
+            TensorKind::LoraB | TensorKind::ValueHead => vec![0.0; e.slot.len],
         })
     })
 }
@@ -615,14 +615,15 @@ struct ProfState {
 
 /// Wraps a backend; when on, adds each op's wall time (and the FLOPs of the
 /// GEMMs and attention) to a per-category table. Ops run on the caller's
-/// thread, so the mutex is never contended.
+/// thread, so the mutex is never contended. Clones share the table.
+#[derive(Clone)]
 struct Prof<B> {
     inner: B,
     rank: usize,
     vocab: usize,
-    on: AtomicBool,
-    record: AtomicBool,
-    state: Mutex<ProfState>,
+    on: Arc<AtomicBool>,
+    record: Arc<AtomicBool>,
+    state: Arc<Mutex<ProfState>>,
 }
 
 struct Report {
@@ -638,9 +639,9 @@ impl<B: Backend> Prof<B> {
                 TrainMode::Full => 0,
             },
             vocab: s.cfg.vocab_size,
-            on: AtomicBool::new(false),
-            record: AtomicBool::new(false),
-            state: Mutex::new(ProfState::default()),
+            on: Arc::new(AtomicBool::new(false)),
+            record: Arc::new(AtomicBool::new(false)),
+            state: Arc::new(Mutex::new(ProfState::default())),
         }
     }
     fn set_on(&self, on: bool) {

@@ -33,6 +33,8 @@ enum Command {
     Sft(stages::sft::SftArgs),
     /// Reward modelling on preference pairs: a scalar score head, pairwise loss (MedicalGPT reward_modeling.py).
     Rm(stages::rm::RmArgs),
+    /// PPO from a reward model: policy LoRA + value head, reference and reward model on one shared base (MedicalGPT ppo_training.py).
+    Ppo(stages::ppo::PpoArgs),
     /// Loss and perplexity of a model (+ adapter) on a text file, as JSON.
     Eval(stages::eval::EvalArgs),
     /// Merge a PEFT LoRA adapter into its base model: a plain HF model dir (MedicalGPT merge_peft_adapter.py).
@@ -158,6 +160,14 @@ fn run(cli: Cli) -> Result<()> {
                 out["eval_accuracy"] = e.accuracy.into();
                 out["eval_mean_margin"] = e.mean_margin.into();
             }
+            println!("{out}");
+        }
+        Command::Ppo(args) => {
+            let r = stages::run_single(&args)?;
+            let mut out = r.results;
+            out["output_dir"] = serde_json::json!(args.ppo.output_dir);
+            out["finished"] = r.finished.into();
+            out["global_step"] = r.steps.into();
             println!("{out}");
         }
         Command::Eval(args) => println!("{}", stages::eval::run(&args)?),

@@ -119,7 +119,7 @@ pub struct LoraDropout<'a> {
 /// A compute backend. `Buf` is an owned allocation on the device whose
 /// storage type is chosen by its [`Precision`]; every op reads and writes f32
 /// values through it. `View`/`ViewMut` borrow a range of one.
-pub trait Backend: Send + Sync {
+pub trait Backend: Send + Sync + Clone {
     type Buf: Send + Sync;
     type View<'a>: Copy
     where

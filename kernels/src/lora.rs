@@ -5,7 +5,7 @@ use crate::backend::{Backend, Gemm, LoraDropout, LoraShape, Result};
 
 /// See [`Backend::lora_linear_forward`].
 #[allow(clippy::too_many_arguments)]
-pub fn forward<B: Backend + ?Sized>(
+pub fn forward<B: Backend>(
     be: &B,
     mut y: B::ViewMut<'_>,
     mut xa: B::ViewMut<'_>,
@@ -61,7 +61,7 @@ pub fn forward<B: Backend + ?Sized>(
 
 /// See [`Backend::lora_linear_backward`].
 #[allow(clippy::too_many_arguments)]
-pub fn backward<B: Backend + ?Sized>(
+pub fn backward<B: Backend>(
     be: &B,
     mut dx: B::ViewMut<'_>,
     da: Option<B::ViewMut<'_>>,
@@ -179,7 +179,7 @@ pub fn backward<B: Backend + ?Sized>(
 }
 
 /// scratch[N,IN] = dropout(x), sample by sample with each sample's seed.
-fn apply_dropout<B: Backend + ?Sized>(
+fn apply_dropout<B: Backend>(
     be: &B,
     scratch: &mut B::ViewMut<'_>,
     x: B::View<'_>,
@@ -199,11 +199,11 @@ fn apply_dropout<B: Backend + ?Sized>(
     Ok(())
 }
 
-fn to_view<'a, B: Backend + ?Sized>(be: &B, v: &'a mut B::ViewMut<'_>, len: usize) -> B::View<'a> {
+fn to_view<'a, B: Backend>(be: &B, v: &'a mut B::ViewMut<'_>, len: usize) -> B::View<'a> {
     to_view_range(be, v, 0..len)
 }
 
-fn to_view_range<'a, B: Backend + ?Sized>(
+fn to_view_range<'a, B: Backend>(
     be: &B,
     v: &'a mut B::ViewMut<'_>,
     range: std::ops::Range<usize>,

@@ -76,7 +76,7 @@ fn build<B: Backend>(be: B, dtype: Dtype) -> Llama<B> {
             }
             TensorKind::Base => (0..n).map(|_| round(0.08 * next())).collect(),
             TensorKind::LoraA => (0..n).map(|_| 0.2 * next()).collect(),
-            TensorKind::LoraB => (0..n).map(|_| 0.05 * next()).collect(),
+            TensorKind::LoraB | TensorKind::ValueHead => (0..n).map(|_| 0.05 * next()).collect(),
         })
     })
     .unwrap()

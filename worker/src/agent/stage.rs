@@ -132,7 +132,7 @@ fn stage_device(ctx: &StageContext, a: &pb::StageAssignment) -> Result<(Device, 
     fn of<S: DistStage>(ctx: &StageContext, a: &pb::StageAssignment) -> Result<(Device, Dtype)> {
         let argv = resolve_args(&ctx.root, &a.args, PATH_FLAGS)?;
         let t = parse_stage_args::<S>(S::KIND, &argv)?;
-        Ok((t.training().device, t.training().cuda_dtype()?))
+        Ok((t.run_flags().device, t.run_flags().cuda_dtype()?))
     }
     match a.stage_kind.as_str() {
         PtArgs::KIND => of::<PtArgs>(ctx, a),
@@ -213,7 +213,7 @@ fn run_training_stage<S: DistStage, B: Backend>(
     }
     let argv = resolve_args(&ctx.root, &argv, PATH_FLAGS)?;
     let args = parse_stage_args::<S>(S::KIND, &argv)?;
-    let resumed = drop_abandoned_checkpoints(rank, args.training(), &a.resume_checkpoint)?;
+    let resumed = drop_abandoned_checkpoints(rank, args.run_flags(), &a.resume_checkpoint)?;
     let global_batch = (a.global_batch_size > 0).then_some(a.global_batch_size as usize);
     let mut hooks = StageHooks {
         client: ctx.client.clone(),
@@ -240,13 +240,13 @@ fn run_training_stage<S: DistStage, B: Backend>(
 /// resumed step.
 fn drop_abandoned_checkpoints(
     rank: usize,
-    training: &crate::stages::args::TrainingArgs,
+    run: crate::stages::args::RunFlags<'_>,
     resume: &str,
 ) -> Result<Option<u64>> {
-    let (false, Some(arg)) = (resume.is_empty(), &training.resume_from_checkpoint) else {
+    let (false, Some(arg)) = (resume.is_empty(), run.resume_from_checkpoint) else {
         return Ok(None);
     };
-    let out = &training.output_dir;
+    let out = run.output_dir;
     let dir = crate::train::checkpoint::resolve(arg, out)?;
     let state = crate::train::checkpoint::load_state(&dir)?;
     if rank == 0 {

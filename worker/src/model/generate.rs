@@ -241,7 +241,27 @@ pub fn generate_timed<B: Backend>(
     cfg: &GenerationConfig,
     on_token: &mut dyn FnMut(usize, &str),
 ) -> Result<(Vec<Generated>, GenTimings)> {
+    let seeds: Vec<u64> = (0..prompts.len() as u64)
+        .map(|r| cfg.seed.wrapping_add(r))
+        .collect();
+    generate_seeded(model, tokenizer, prompts, cfg, &seeds, on_token)
+}
+
+/// [`generate_timed`] with each row's sampling seed given (`cfg.seed` is not
+/// used): a row's sample then depends on its seed alone, not on its place in
+/// the batch (the RL stages seed each rollout by its index).
+pub fn generate_seeded<B: Backend>(
+    model: &mut Llama<B>,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    row_seeds: &[u64],
+    on_token: &mut dyn FnMut(usize, &str),
+) -> Result<(Vec<Generated>, GenTimings)> {
     cfg.validate()?;
+    if row_seeds.len() != prompts.len() {
+        bail!("{} seeds for {} prompts", row_seeds.len(), prompts.len());
+    }
     if prompts.is_empty() {
         return Ok((Vec::new(), GenTimings::default()));
     }
@@ -280,8 +300,9 @@ pub fn generate_timed<B: Backend>(
     }
     let mut cache = model.new_kv_cache(b, cap)?;
     let procs = cfg.processors();
-    let mut rngs: Vec<ChaCha8Rng> = (0..b)
-        .map(|r| ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(r as u64)))
+    let mut rngs: Vec<ChaCha8Rng> = row_seeds
+        .iter()
+        .map(|&s| ChaCha8Rng::seed_from_u64(s))
         .collect();
     let mut seen: Vec<Vec<u32>> = prompts.to_vec(); // prompt + generated, per row
     let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();

@@ -61,23 +61,28 @@ pub(super) struct BlockActs<B: Backend> {
 }
 
 /// Every buffer a forward/backward of shape (B,T) needs.
-struct Acts<B: Backend> {
-    b: usize,
-    t: usize,
+pub(super) struct Acts<B: Backend> {
+    pub(super) b: usize,
+    pub(super) t: usize,
     /// Residual stream entering each block, plus the final one: L+1 × [N,C].
     /// With gradient checkpointing these are all that is kept of the forward.
-    xs: Vec<B::Buf>,
-    w: Work<B>,
+    pub(super) xs: Vec<B::Buf>,
+    pub(super) w: Work<B>,
 }
 
 /// The rest of the activations and the backward scratch.
-struct Work<B: Backend> {
+pub(super) struct Work<B: Backend> {
     /// L block activations, or 1 reused for recomputation under checkpointing.
     blocks: Vec<BlockActs<B>>,
-    hf: B::Buf,     // [N,C] final rmsnorm
-    rstdf: B::Buf,  // [N]
-    logits: B::Buf, // [N,V], overwritten by its gradient; empty with the score head
+    hf: B::Buf,                // [N,C] final rmsnorm
+    rstdf: B::Buf,             // [N]
+    pub(super) logits: B::Buf, // [N,V], overwritten by its gradient; empty with the score head
     score: ScoreActs<B>,
+    /// The value head's outputs [N], overwritten by their gradient before the
+    /// backward; empty without a value head.
+    pub(super) values: B::Buf,
+    /// This micro-batch's d value weight [C] (f32), added to the gradient once.
+    dvalue_w: B::Buf,
     // backward scratch
     dres: B::Buf,  // [N,C] gradient of the residual stream
     dh: B::Buf,    // [N,C]
@@ -148,10 +153,13 @@ pub struct Llama<B: Backend> {
     pub train: B::Buf,  // [layout.train_len]
     pub grads: B::Buf,  // [layout.train_len]
     pub gradient_checkpointing: bool,
+    /// false runs the base model alone: the LoRA branches are skipped (the
+    /// PPO/DPO reference policy, without a second copy of the weights).
+    pub(super) adapter_enabled: bool,
     pub(super) rope_cos: B::Buf, // [P, HD/2]
     pub(super) rope_sin: B::Buf, // [P, HD/2]
     rope_positions: usize,
-    acts: Option<Acts<B>>,
+    pub(super) acts: Option<Acts<B>>,
 }
 
 /// Weight views by slot.
@@ -280,6 +288,7 @@ impl<B: Backend> Llama<B> {
             mode,
             layout,
             gradient_checkpointing: false,
+            adapter_enabled: true,
             acts: None,
         })
     }
@@ -297,6 +306,7 @@ impl<B: Backend> Llama<B> {
     pub(super) fn lora_run(&self, dropout_seed: Option<u64>) -> LoraRun {
         match &self.mode {
             TrainMode::Lora(l) => LoraRun {
+                enabled: self.adapter_enabled,
                 scaling: l.scaling(),
                 r: l.r,
                 dropout: dropout_seed
@@ -304,6 +314,7 @@ impl<B: Backend> Llama<B> {
                     .map(|s| (l.dropout, s)),
             },
             TrainMode::Full => LoraRun {
+                enabled: false,
                 scaling: 0.0,
                 r: 0,
                 dropout: None,
@@ -365,7 +376,7 @@ impl<B: Backend> Llama<B> {
         })
     }
 
-    fn ensure_acts(&mut self, b: usize, t: usize) -> Result<()> {
+    pub(super) fn ensure_acts(&mut self, b: usize, t: usize) -> Result<()> {
         if self.acts.as_ref().is_some_and(|a| a.b == b && a.t == t) {
             return Ok(());
         }
@@ -392,9 +403,10 @@ impl<B: Backend> Llama<B> {
         let has_lora = r > 0;
         // Only the head in use gets its buffers: vocab logits are the largest of all.
         let (n_logits, n_pooled, n_scores) = match self.layout.head {
-            Head::CausalLm => (n * v, 0, 0),
+            Head::CausalLm | Head::CausalLmWithValue => (n * v, 0, 0),
             Head::Score => (0, b * c, b),
         };
+        let n_values = if self.layout.value.is_some() { n } else { 0 };
         self.acts = Some(Acts {
             b,
             t,
@@ -411,6 +423,8 @@ impl<B: Backend> Llama<B> {
                     dpooled: be.zeros(n_pooled, Precision::Compute)?,
                     dweight: be.zeros(n_pooled.min(c), Precision::F32)?,
                 },
+                values: be.zeros(n_values, Precision::Compute)?,
+                dvalue_w: be.zeros(if n_values > 0 { c } else { 0 }, Precision::F32)?,
                 dres: be.zeros(n * c, Precision::Compute)?,
                 dh: be.zeros(n * c, Precision::Compute)?,
                 dq: be.zeros(n * qd, Precision::Compute)?,
@@ -427,7 +441,7 @@ impl<B: Backend> Llama<B> {
         Ok(())
     }
 
-    fn check_batch(&self, batch: &Batch) -> Result<()> {
+    pub(super) fn check_batch(&self, batch: &Batch) -> Result<()> {
         let n = batch.b * batch.t;
         if batch.b == 0 || batch.t == 0 {
             bail!("empty batch");
@@ -510,7 +524,7 @@ impl<B: Backend> Llama<B> {
         Ok(stats)
     }
 
-    fn require_head(&self, head: Head) -> Result<()> {
+    pub(super) fn require_head(&self, head: Head) -> Result<()> {
         if self.layout.head != head {
             bail!(
                 "this model has the {:?} head; the call needs the {head:?} head",
@@ -568,7 +582,7 @@ impl<B: Backend> Llama<B> {
         Ok(self.be.fill(self.be.view_mut(&mut self.grads, 0..n), 0.0)?)
     }
 
-    fn run_forward(&mut self, batch: &Batch, dropout_seed: Option<u64>) -> Result<()> {
+    pub(super) fn run_forward(&mut self, batch: &Batch, dropout_seed: Option<u64>) -> Result<()> {
         let lora = self.lora_run(dropout_seed);
         let Llama {
             cfg,
@@ -657,6 +671,16 @@ impl<B: Backend> Llama<B> {
             }
             (None, None) => bail!("the model has no output head"),
         }
+        if let Some(vh) = layout.value {
+            // values[N,1] = hf · weightᵀ + bias
+            be.gemm(
+                all_mut(be, &mut acts.w.values),
+                all(be, &acts.w.hf),
+                w.get(vh.weight),
+                Gemm::linear(n, 1, c),
+            )?;
+            be.add_bias(all_mut(be, &mut acts.w.values), w.get(vh.bias), 1)?;
+        }
         Ok(())
     }
 
@@ -677,7 +701,7 @@ impl<B: Backend> Llama<B> {
         Ok(LossStats { loss_sum, tokens })
     }
 
-    fn run_backward(&mut self, batch: &Batch, dropout_seed: Option<u64>) -> Result<()> {
+    pub(super) fn run_backward(&mut self, batch: &Batch, dropout_seed: Option<u64>) -> Result<()> {
         let lora = self.lora_run(dropout_seed);
         let Llama {
             cfg,
@@ -720,6 +744,9 @@ impl<B: Backend> Llama<B> {
                     accumulate: false,
                 },
             )?;
+        }
+        if let Some(vh) = layout.value {
+            value_head_backward(be, &w, grads, vh, &mut acts.w, n, c)?;
         }
         if let Some(dw) = lm_head.and_then(|s| grad(be, grads, s)) {
             be.gemm(
@@ -838,6 +865,57 @@ fn score_head_backward<B: Backend>(
     Ok(())
 }
 
+/// The value head's backward, after the lm_head's: from dvalues (in
+/// `acts.values`, [N]) to d weight [1,C], d bias [1], and dh [N,C] += ….
+fn value_head_backward<B: Backend>(
+    be: &B,
+    w: &W<'_, B>,
+    grads: &mut B::Buf,
+    vh: super::params::ValueHead,
+    acts: &mut Work<B>,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    // dh[N,C] += dvalues[N,1] · weight[1,C]
+    be.gemm(
+        all_mut(be, &mut acts.dh),
+        all(be, &acts.values),
+        w.get(vh.weight),
+        Gemm {
+            m: n,
+            n: c,
+            k: 1,
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            accumulate: true,
+        },
+    )?;
+    // d weight[1,C] += dvaluesᵀ[1,N] · hf[N,C], computed apart and added once
+    // (as the score head's, so accumulation sums as the all-reduce does).
+    if let Some(dw) = grad(be, grads, vh.weight) {
+        be.gemm(
+            all_mut(be, &mut acts.dvalue_w),
+            all(be, &acts.values),
+            all(be, &acts.hf),
+            Gemm {
+                m: 1,
+                n: c,
+                k: n,
+                trans_a: true,
+                trans_b: false,
+                alpha: 1.0,
+                accumulate: false,
+            },
+        )?;
+        be.axpy(dw, 1.0, all(be, &acts.dvalue_w))?;
+    }
+    if let Some(db) = grad(be, grads, vh.bias) {
+        be.bias_backward(db, all(be, &acts.values), 1)?;
+    }
+    Ok(())
+}
+
 /// Positions 0..T for every row (transformers' default position_ids).
 fn positions(batch: &Batch) -> Vec<u32> {
     (0..batch.b).flat_map(|_| 0..batch.t as u32).collect()
@@ -873,6 +951,9 @@ pub(super) struct LayerKv<'c, B: Backend> {
 /// (p, seed) when dropout is on.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct LoraRun {
+    /// false: the adapters are switched off and every linear is its base
+    /// weight alone (PEFT's `disable_adapter()`).
+    enabled: bool,
     scaling: f32,
     pub(super) r: usize,
     dropout: Option<(f32, u64)>,
@@ -932,7 +1013,7 @@ impl<B: Backend> FwdCtx<'_, B> {
     ) -> Result<()> {
         let be = self.be;
         let n = self.n();
-        match (lin.lora, xa) {
+        match (lin.lora.filter(|_| self.lora.enabled), xa) {
             (Some((a, b)), Some(xa)) => {
                 let drop = self.lora_dropout(seed);
                 be.lora_linear_forward(
@@ -985,7 +1066,7 @@ impl<B: Backend> FwdCtx<'_, B> {
         let be = self.be;
         let n = self.n();
         let (ni, no) = (lin.n_in, lin.n_out);
-        match (lin.lora, xa) {
+        match (lin.lora.filter(|_| self.lora.enabled), xa) {
             (Some((a, b)), Some(xa)) => {
                 let drop = self.lora_dropout(seed);
                 let (da, db) = two_grads(be, grads, a, b);

@@ -97,6 +97,21 @@ pub enum Head {
     /// non-padding token (`*ForSequenceClassification` with num_labels = 1).
     /// Trained in full in LoRA mode too (PEFT SEQ_CLS puts it in modules_to_save).
     Score,
+    /// `lm_head` plus a value head (TRL's `AutoModelForCausalLMWithValueHead`):
+    /// `v_head.summary` Linear(C, 1) with bias on the final hidden state of
+    /// every position. The value head is always trained (the PPO critic).
+    CausalLmWithValue,
+}
+
+/// Names of the value head's weight [1, C] and bias [1], as TRL saves them.
+pub const VALUE_WEIGHT: &str = "v_head.summary.weight";
+pub const VALUE_BIAS: &str = "v_head.summary.bias";
+
+/// The value head's two tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ValueHead {
+    pub weight: Slot, // [1, C]
+    pub bias: Slot,   // [1]
 }
 
 /// Name of the sequence-classification head's weight in a transformers model dir.
@@ -115,6 +130,9 @@ pub enum TensorKind {
     Base,
     LoraA,
     LoraB,
+    /// The PPO value head: neither a base weight nor part of a PEFT adapter
+    /// (saved on its own, as TRL does).
+    ValueHead,
 }
 
 /// One named tensor: `name` is the Hugging Face name for base weights
@@ -172,6 +190,8 @@ pub struct Layout {
     pub lm_head: Option<Slot>,
     /// [1, C] with the score head.
     pub score: Option<Slot>,
+    /// With [`Head::CausalLmWithValue`].
+    pub value: Option<ValueHead>,
     pub tensors: Vec<TensorEntry>,
     pub frozen_len: usize,
     pub train_len: usize,
@@ -340,8 +360,10 @@ impl Layout {
         }
         let norm = b.base("model.norm.weight".into(), vec![c], None);
         let (lm_head, score) = match head {
-            Head::CausalLm if cfg.tie_word_embeddings => (Some(embed), None),
-            Head::CausalLm => (
+            Head::CausalLm | Head::CausalLmWithValue if cfg.tie_word_embeddings => {
+                (Some(embed), None)
+            }
+            Head::CausalLm | Head::CausalLmWithValue => (
                 Some(b.base("lm_head.weight".into(), vec![v, c], Some("lm_head"))),
                 None,
             ),
@@ -351,6 +373,11 @@ impl Layout {
                 Some(b.push(SCORE_WEIGHT.into(), vec![1, c], true, TensorKind::Base)),
             ),
         };
+        // After every base tensor, so the frozen part is the causal LM's.
+        let value = (head == Head::CausalLmWithValue).then(|| ValueHead {
+            weight: b.push(VALUE_WEIGHT.into(), vec![1, c], true, TensorKind::ValueHead),
+            bias: b.push(VALUE_BIAS.into(), vec![1], true, TensorKind::ValueHead),
+        });
         Layout {
             embed,
             blocks,
@@ -358,6 +385,7 @@ impl Layout {
             head,
             lm_head,
             score,
+            value,
             tensors: b.tensors,
             frozen_len: b.frozen_len,
             train_len: b.train_len,

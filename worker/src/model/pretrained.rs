@@ -2,7 +2,7 @@
 
 use super::config::ModelConfig;
 use super::llama::Llama;
-use super::params::{Head, LoraConfig, TensorKind, TrainMode, SCORE_WEIGHT};
+use super::params::{Head, LoraConfig, TensorEntry, TensorKind, TrainMode, SCORE_WEIGHT};
 use super::weights::{save_tensors, NamedTensor, SaveDtype, TensorFiles};
 use crate::fsutil::write_json_atomic;
 use anyhow::{bail, Context, Result};
@@ -10,6 +10,9 @@ use rand::{Rng, SeedableRng};
 use rlhf_kernels::Backend;
 use serde_json::{json, Value};
 use std::path::Path;
+
+/// The value head's file in a PPO output or checkpoint dir.
+pub const VALUE_HEAD_FILE: &str = "value_head.safetensors";
 
 /// PEFT's prefix for a causal-LM adapter's tensor names.
 pub const PEFT_PREFIX: &str = "base_model.model.";
@@ -35,6 +38,7 @@ pub fn load_model_with_head<B: Backend>(
     let cfg = ModelConfig::load(dir)?;
     let files = TensorFiles::open_model_dir(dir)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let cfg_hidden = cfg.hidden_size;
     let init_std = cfg
         .raw
         .get("initializer_range")
@@ -60,6 +64,13 @@ pub fn load_model_with_head<B: Backend>(
                 .collect())
         }
         TensorKind::LoraB => Ok(vec![0.0; e.slot.len]),
+        // nn.Linear(C, 1)'s default init: U(−1/√C, 1/√C) for weight and bias.
+        TensorKind::ValueHead => {
+            let bound = 1.0 / (cfg_hidden as f32).sqrt();
+            Ok((0..e.slot.len)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect())
+        }
     })
     .with_context(|| format!("loading the model in {}", dir.display()))
 }
@@ -77,6 +88,8 @@ pub fn peft_task_type(head: Head) -> &'static str {
     match head {
         Head::CausalLm => TASK_CAUSAL_LM,
         Head::Score => TASK_SEQ_CLS,
+        // The adapter of a policy with a value head is a causal-LM adapter.
+        Head::CausalLmWithValue => TASK_CAUSAL_LM,
     }
 }
 
@@ -159,6 +172,12 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     })
 }
 
+/// Whether a tensor is saved with the stage's weights (the adapter, or the
+/// model in full mode): every trainable tensor but the value head.
+fn adapter_tensor(e: &TensorEntry) -> bool {
+    e.slot.trainable && e.kind != TensorKind::ValueHead
+}
+
 impl<B: Backend> Llama<B> {
     /// Overwrite one tensor of the layout with host data.
     pub fn set_tensor(&mut self, name: &str, data: &[f32]) -> Result<()> {
@@ -207,7 +226,7 @@ impl<B: Backend> Llama<B> {
     pub fn trainable_tensors(&self) -> Result<Vec<NamedTensor>> {
         let full = matches!(self.mode, TrainMode::Full);
         let mut out = Vec::new();
-        for e in self.layout.tensors.iter().filter(|e| e.slot.trainable) {
+        for e in self.layout.tensors.iter().filter(|e| adapter_tensor(e)) {
             let data = self
                 .be
                 .download(self.be.view(&self.train, e.slot.range()))?;
@@ -229,7 +248,7 @@ impl<B: Backend> Llama<B> {
             .layout
             .tensors
             .iter()
-            .filter(|e| e.slot.trainable)
+            .filter(|e| adapter_tensor(e))
             .cloned()
             .collect();
         for e in entries {
@@ -286,6 +305,47 @@ impl<B: Backend> Llama<B> {
         let files = TensorFiles::open_files(&[dir.join("adapter_model.safetensors")])?;
         self.load_trainable(&files)
             .with_context(|| format!("loading the adapter in {}", dir.display()))
+    }
+
+    /// Write the value head (TRL's names) to `dir/value_head.safetensors`.
+    pub fn save_value_head(&self, dir: &Path) -> Result<()> {
+        let mut tensors = Vec::new();
+        for e in self
+            .layout
+            .tensors
+            .iter()
+            .filter(|e| e.kind == TensorKind::ValueHead)
+        {
+            let data = self
+                .be
+                .download(self.be.view(&self.train, e.slot.range()))?;
+            tensors.push((e.name.clone(), e.shape.clone(), data));
+        }
+        if tensors.is_empty() {
+            bail!("this model has no value head");
+        }
+        save_tensors(&dir.join(VALUE_HEAD_FILE), &tensors, SaveDtype::F32, None)
+    }
+
+    /// Read the value head written by [`Self::save_value_head`].
+    pub fn load_value_head(&mut self, dir: &Path) -> Result<()> {
+        let files = TensorFiles::open_files(&[dir.join(VALUE_HEAD_FILE)])?;
+        let entries: Vec<_> = self
+            .layout
+            .tensors
+            .iter()
+            .filter(|e| e.kind == TensorKind::ValueHead)
+            .cloned()
+            .collect();
+        if entries.is_empty() {
+            bail!("this model has no value head");
+        }
+        for e in entries {
+            let data = files.read_f32(&e.name, &e.shape)?;
+            self.be
+                .write(self.be.view_mut(&mut self.train, e.slot.range()), &data)?;
+        }
+        Ok(())
     }
 
     /// Write a PEFT adapter dir: adapter_config.json + adapter_model.safetensors.

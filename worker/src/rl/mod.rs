@@ -8,4 +8,8 @@
 pub mod advantages;
 pub mod dpo;
 pub mod kl;
+pub mod ppo;
 pub mod ppo_loss;
+pub mod prompts;
+pub mod reward;
+pub mod rollout;

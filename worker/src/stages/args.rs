@@ -191,7 +191,18 @@ pub struct TrainingArgs {
     pub preprocessing_num_workers: Option<usize>,
 }
 
-impl TrainingArgs {
+/// What running any stage needs besides its own arguments: where, in
+/// which compute type, and where its checkpoints are.
+#[derive(Clone, Copy, Debug)]
+pub struct RunFlags<'a> {
+    pub device: Device,
+    pub bf16: Option<bool>,
+    pub fp16: Option<bool>,
+    pub output_dir: &'a std::path::Path,
+    pub resume_from_checkpoint: Option<&'a str>,
+}
+
+impl RunFlags<'_> {
     /// The CUDA compute type from --bf16/--fp16 (f32 when neither, as in
     /// transformers). On the CPU both are accepted and have no effect.
     pub fn cuda_dtype(&self) -> Result<rlhf_kernels::cuda::Dtype> {
@@ -214,6 +225,23 @@ impl TrainingArgs {
             tracing::info!("computing in f32 on {}; --bf16 is much faster", self.device);
             Dtype::F32
         })
+    }
+}
+
+impl TrainingArgs {
+    pub fn run_flags(&self) -> RunFlags<'_> {
+        RunFlags {
+            device: self.device,
+            bf16: self.bf16,
+            fp16: self.fp16,
+            output_dir: &self.output_dir,
+            resume_from_checkpoint: self.resume_from_checkpoint.as_deref(),
+        }
+    }
+
+    /// See [`RunFlags::cuda_dtype`].
+    pub fn cuda_dtype(&self) -> Result<rlhf_kernels::cuda::Dtype> {
+        self.run_flags().cuda_dtype()
     }
 
     pub fn to_train_args(&self) -> Result<TrainArgs> {

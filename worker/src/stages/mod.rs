@@ -7,6 +7,7 @@ pub mod chat;
 pub mod eval;
 pub mod generate;
 pub mod infer_args;
+pub mod ppo;
 pub mod pt;
 pub mod qa_eval;
 pub mod rm;
@@ -29,7 +30,8 @@ pub trait DistStage: clap::Args + Sized {
     const KIND: &'static str;
     /// What the stage reports (`PtResult`, ...).
     type Output;
-    fn training(&self) -> &args::TrainingArgs;
+    /// Device, compute type, output and resume flags.
+    fn run_flags(&self) -> args::RunFlags<'_>;
     /// Run as one rank.
     fn run_dist<B: Backend>(
         &self,
@@ -50,8 +52,8 @@ macro_rules! dist_stage {
         impl DistStage for $args {
             const KIND: &'static str = $kind;
             type Output = $output;
-            fn training(&self) -> &args::TrainingArgs {
-                &self.training
+            fn run_flags(&self) -> args::RunFlags<'_> {
+                self.training.run_flags()
             }
             fn run_dist<B: Backend>(
                 &self,
@@ -73,13 +75,33 @@ dist_stage!(pt::PtArgs, "pt", pt, pt::PtResult);
 dist_stage!(sft::SftArgs, "sft", sft, sft::SftResult);
 dist_stage!(rm::RmArgs, "rm", rm, rm::RmResult);
 
+impl DistStage for ppo::PpoArgs {
+    const KIND: &'static str = "ppo";
+    type Output = ppo::PpoResult;
+    fn run_flags(&self) -> args::RunFlags<'_> {
+        ppo::PpoArgs::run_flags(self)
+    }
+    fn run_dist<B: Backend>(
+        &self,
+        be: B,
+        collective: &mut dyn Collective<B>,
+        global_batch: Option<usize>,
+        hooks: &mut dyn TrainHooks,
+    ) -> Result<ppo::PpoResult> {
+        ppo::run_dist(be, self, collective, global_batch, hooks)
+    }
+    fn outcome(r: ppo::PpoResult) -> (bool, serde_json::Value) {
+        (r.finished, r.results)
+    }
+}
+
 /// A training stage in one process (`rlhf pt`, `rlhf sft`, `rlhf rm`), on
 /// the device its `--device` asks for.
 pub fn run_single<S: DistStage>(args: &S) -> Result<S::Output> {
     use crate::collective::Single;
     use crate::train::NoHooks;
-    let dtype = args.training().cuda_dtype()?;
-    match args.training().device {
+    let dtype = args.run_flags().cuda_dtype()?;
+    match args.run_flags().device {
         args::Device::Cpu => args.run_dist(rlhf_kernels::Cpu, &mut Single, None, &mut NoHooks),
         args::Device::Cuda(n) => {
             let be = rlhf_kernels::cuda::Cuda::new(n, dtype)?;

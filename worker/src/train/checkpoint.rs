@@ -32,15 +32,16 @@ pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
 
 /// Write a checkpoint atomically: everything goes to `checkpoint-N.tmp`, then
 /// one rename publishes it. `write_weights` writes the stage's weights files.
-pub fn save(
+pub fn save<S: Serialize>(
     output_dir: &Path,
-    state: &TrainerState,
+    step: u64,
+    state: &S,
     m: Vec<f32>, // [train_len], taken by value: no second copy of the optimizer state
     v: Vec<f32>,
     write_weights: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
-    let final_dir = checkpoint_dir(output_dir, state.global_step);
-    let tmp = output_dir.join(format!("checkpoint-{}.tmp", state.global_step));
+    let final_dir = checkpoint_dir(output_dir, step);
+    let tmp = output_dir.join(format!("checkpoint-{step}.tmp"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
             .with_context(|| format!("removing stale {}", tmp.display()))?;
@@ -161,6 +162,7 @@ mod tests {
             };
             save(
                 dir.path(),
+                step,
                 &st,
                 vec![1.0, 2.0, 3.0],
                 vec![4.0, 5.0, 6.0],

@@ -676,8 +676,9 @@ pub fn train_objective<B: Backend, O: Objective<B>>(
                         .be
                         .download(model.be.view(&opt.v, 0..state.train_len))?,
                 );
-                let dir =
-                    checkpoint::save(&args.output_dir, &state, m, v, |d| save_weights(model, d))?;
+                let dir = checkpoint::save(&args.output_dir, step, &state, m, v, |d| {
+                    save_weights(model, d)
+                })?;
                 tracing::info!(checkpoint = %dir.display(), "saved");
                 dist.hooks.on_checkpoint(step, Some(&dir))?;
                 if let Some(limit) = args.save_total_limit {

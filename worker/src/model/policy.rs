@@ -1,0 +1,146 @@
+//! The model as a policy (PPO, DPO, GRPO): per-token log-probabilities,
+//! entropies and values from one forward, and a backward from any per-token
+//! weights of the log-probabilities and values. The reference policy is the
+//! same weights with the adapter switched off.
+
+use super::llama::{all, all_mut, Batch, Llama};
+use super::params::Head;
+use anyhow::{bail, Context, Result};
+use rlhf_kernels::Backend;
+
+/// What one forward gives per position (row b·T + t of a [B,T] batch).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TokenOutputs {
+    /// log p(labels[b,t+1] | tokens ..= t): [B,T], 0 where nothing is predicted
+    /// (label −100, and the last position).
+    pub logp: Vec<f32>,
+    /// Entropy of the next-token distribution at every position: [B,T].
+    pub entropy: Option<Vec<f32>>,
+    /// The value head's estimate at every position: [B,T] (with a value head).
+    pub values: Option<Vec<f32>>,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Switch the LoRA adapter off (the base model alone: the reference
+    /// policy) or back on. A full fine-tuning model has none to switch.
+    pub fn set_adapter_enabled(&mut self, on: bool) {
+        self.adapter_enabled = on;
+    }
+
+    pub fn adapter_enabled(&self) -> bool {
+        self.adapter_enabled
+    }
+
+    fn require_lm_head(&self) -> Result<()> {
+        match self.layout.head {
+            Head::CausalLm | Head::CausalLmWithValue => Ok(()),
+            Head::Score => bail!(
+                "per-token log-probabilities need a causal-LM head; this model has a score head"
+            ),
+        }
+    }
+
+    /// Forward over `batch`: per-token log-probabilities of its labels, and
+    /// optionally entropies, plus values when the model has a value head.
+    /// Keeps the activations for [`Self::token_backward`] of the same batch
+    /// with the same `dropout_seed`.
+    pub fn token_forward(
+        &mut self,
+        batch: &Batch,
+        dropout_seed: Option<u64>,
+        want_entropy: bool,
+    ) -> Result<TokenOutputs> {
+        self.require_lm_head()?;
+        self.check_batch(batch)?;
+        self.ensure_rope(batch.t)?;
+        self.ensure_acts(batch.b, batch.t)?;
+        self.run_forward(batch, dropout_seed)?;
+        let targets = batch.shifted_targets();
+        let v = self.cfg.vocab_size;
+        let be = &self.be;
+        let acts = self.acts.as_mut().context("activations")?;
+        let entropy = if want_entropy {
+            Some(be.softmax_entropy(all(be, &acts.w.logits), v)?)
+        } else {
+            None
+        };
+        let values = if self.layout.value.is_some() {
+            Some(be.download(all(be, &acts.w.values))?)
+        } else {
+            None
+        };
+        // Without a gradient the logits are left as they are, for the backward.
+        let losses = be.cross_entropy(all_mut(be, &mut acts.w.logits), &targets, v, None)?;
+        let logp = losses
+            .iter()
+            .zip(&targets)
+            .map(|(&l, &t)| if t == -100 { 0.0 } else { -l })
+            .collect();
+        Ok(TokenOutputs {
+            logp,
+            entropy,
+            values,
+        })
+    }
+
+    /// Backward after [`Self::token_forward`] of the same batch: the
+    /// gradients of Σ dlogp·logp + Σ dvalues·values are ADDED into
+    /// `self.grads`. dlogp, dvalues: [B,T] (dlogp is ignored where nothing is
+    /// predicted); dvalues only with a value head (None: zero).
+    pub fn token_backward(
+        &mut self,
+        batch: &Batch,
+        dlogp: &[f32],
+        dvalues: Option<&[f32]>,
+        dropout_seed: Option<u64>,
+    ) -> Result<()> {
+        self.require_lm_head()?;
+        let n = batch.b * batch.t;
+        let acts = self.acts.as_mut().context("activations")?;
+        if acts.b != batch.b || acts.t != batch.t {
+            bail!("token_backward without a token_forward of this batch");
+        }
+        if dlogp.len() != n {
+            bail!(
+                "{} log-prob gradients for a [{}, {}] batch",
+                dlogp.len(),
+                batch.b,
+                batch.t
+            );
+        }
+        let be = &self.be;
+        match (self.layout.value.is_some(), dvalues) {
+            (true, d) => {
+                let zeros;
+                let d = match d {
+                    Some(d) => d,
+                    None => {
+                        zeros = vec![0.0; n];
+                        &zeros
+                    }
+                };
+                if d.len() != n {
+                    bail!(
+                        "{} value gradients for a [{}, {}] batch",
+                        d.len(),
+                        batch.b,
+                        batch.t
+                    );
+                }
+                be.write(all_mut(be, &mut acts.w.values), d)?;
+            }
+            (false, Some(_)) => bail!("value gradients given, but the model has no value head"),
+            (false, None) => {}
+        }
+        // logp = −loss, so d/dlogits of Σ g·logp is the loss gradient scaled by −g.
+        let scales: Vec<f32> = dlogp.iter().map(|&g| -g).collect();
+        let targets = batch.shifted_targets();
+        be.cross_entropy(
+            all_mut(be, &mut acts.w.logits),
+            &targets,
+            self.cfg.vocab_size,
+            Some(&scales),
+        )?;
+        self.run_backward(batch, dropout_seed)
+    }
+}

@@ -41,15 +41,21 @@ pub enum StageKind {
     Sft,
     /// Reward modelling on preference pairs (`rlhf rm`).
     Rm,
+    /// A LoRA adapter merged into its base model (`rlhf merge`, rank 0 only).
+    Merge,
+    /// PPO from a reward model (`rlhf ppo`).
+    Ppo,
 }
 
 impl StageKind {
     /// Every kind, in the order error messages list them.
-    pub const ALL: [StageKind; 4] = [
+    pub const ALL: [StageKind; 6] = [
         StageKind::Demo,
         StageKind::Pt,
         StageKind::Sft,
         StageKind::Rm,
+        StageKind::Merge,
+        StageKind::Ppo,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -58,6 +64,8 @@ impl StageKind {
             StageKind::Pt => "pt",
             StageKind::Sft => "sft",
             StageKind::Rm => "rm",
+            StageKind::Merge => "merge",
+            StageKind::Ppo => "ppo",
         }
     }
 
@@ -75,6 +83,8 @@ impl StageKind {
             StageKind::Pt => rlhf_worker::stages::pt::PtArgs::augment_args(cmd),
             StageKind::Sft => rlhf_worker::stages::sft::SftArgs::augment_args(cmd),
             StageKind::Rm => rlhf_worker::stages::rm::RmArgs::augment_args(cmd),
+            StageKind::Merge => rlhf_worker::merge::MergeArgs::augment_args(cmd),
+            StageKind::Ppo => rlhf_worker::stages::ppo::PpoArgs::augment_args(cmd),
             StageKind::Demo => rlhf_worker::agent::DemoStageArgs::augment_args(cmd),
         }
     }
@@ -216,6 +226,10 @@ impl Pipeline {
             v.parse::<usize>()
                 .map_err(|e| anyhow!("stage '{}': {key} = {v:?}: {e}", s.name))
         };
+        if s.kind == StageKind::Ppo {
+            // Rollouts per iteration: batch_size per planned worker.
+            return Ok(self.cluster.workers * num("batch_size")?);
+        }
         Ok(self.cluster.workers
             * num("per_device_train_batch_size")?
             * num("gradient_accumulation_steps")?)

@@ -998,7 +998,7 @@ fn finite(x: f64) -> Option<f64> {
 fn stage_inputs(p: &Pipeline, i: usize) -> anyhow::Result<(Vec<String>, u64)> {
     let args = p.stage_argv(i)?;
     let batch = match p.stages[i].kind {
-        StageKind::Demo => 0,
+        StageKind::Demo | StageKind::Merge => 0,
         _ => p.global_batch(i)? as u64,
     };
     Ok((args, batch))

@@ -293,7 +293,8 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// A throw-away directory for one test (removed when dropped).
+/// A throw-away directory for one test (removed when dropped; kept, and its
+/// path printed, when RLHF_E2E_KEEP is set, to look at a failure).
 pub struct Workspace {
     dir: tempfile::TempDir,
 }
@@ -301,10 +302,18 @@ pub struct Workspace {
 impl Workspace {
     pub fn new() -> Self {
         Workspace {
-            dir: tempfile::Builder::new()
-                .prefix("rlhf-e2e-")
-                .tempdir()
-                .expect("creating a temp dir"),
+            dir: {
+                let keep = std::env::var_os("RLHF_E2E_KEEP").is_some();
+                let dir = tempfile::Builder::new()
+                    .prefix("rlhf-e2e-")
+                    .keep(keep)
+                    .tempdir()
+                    .expect("creating a temp dir");
+                if keep {
+                    eprintln!("RLHF_E2E_KEEP: workspace {}", dir.path().display());
+                }
+                dir
+            },
         }
     }
 

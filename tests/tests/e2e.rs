@@ -12,6 +12,7 @@ mod generate;
 mod init_model;
 mod launch;
 mod merge;
+mod ppo;
 mod pt;
 mod resume;
 mod rm;

@@ -9,6 +9,7 @@ use crate::collective::ring::{RingAllReduce, RingConfig};
 use crate::collective::server::CollectiveServer;
 use crate::collective::{Collective, Single, ViaHost};
 use crate::stages::args::Device;
+use crate::stages::ppo::PpoArgs;
 use crate::stages::pt::PtArgs;
 use crate::stages::rm::RmArgs;
 use crate::stages::sft::SftArgs;
@@ -36,6 +37,9 @@ const PATH_FLAGS: &[&str] = &[
     "output_dir",
     "resume_from_checkpoint",
     "eval_qa_file",
+    "reward_model_name_or_path",
+    "reward_base_model_name_or_path",
+    "tokenizer_path",
 ];
 
 /// The stage was stopped by the coordinator (a new generation, or it was lost).
@@ -138,6 +142,7 @@ fn stage_device(ctx: &StageContext, a: &pb::StageAssignment) -> Result<(Device, 
         PtArgs::KIND => of::<PtArgs>(ctx, a),
         SftArgs::KIND => of::<SftArgs>(ctx, a),
         RmArgs::KIND => of::<RmArgs>(ctx, a),
+        PpoArgs::KIND => of::<PpoArgs>(ctx, a),
         _ => Ok((Device::Cpu, Dtype::F32)),
     }
 }
@@ -193,6 +198,22 @@ fn run_stage_blocking<B: Backend>(
         PtArgs::KIND => run_training_stage::<PtArgs, B>(be, &ctx, &a, collective),
         SftArgs::KIND => run_training_stage::<SftArgs, B>(be, &ctx, &a, collective),
         RmArgs::KIND => run_training_stage::<RmArgs, B>(be, &ctx, &a, collective),
+        PpoArgs::KIND => run_training_stage::<PpoArgs, B>(be, &ctx, &a, collective),
+        "merge" => {
+            let argv = resolve_args(&ctx.root, &a.args, PATH_FLAGS)?;
+            let args = parse_stage_args::<crate::merge::MergeArgs>("merge", &argv)?;
+            if rank != 0 {
+                return Ok(serde_json::Value::Null);
+            }
+            // A merge is written whole or not at all; one left by an earlier
+            // placement of this stage is made again.
+            if args.output_dir.exists() {
+                tracing::info!(dir = %args.output_dir.display(), "replacing the output of an earlier merge");
+                std::fs::remove_dir_all(&args.output_dir)
+                    .with_context(|| format!("removing {}", args.output_dir.display()))?;
+            }
+            Ok(serde_json::to_value(crate::merge::run(&args)?)?)
+        }
         other => bail!("this worker does not know stage kind {other:?}"),
     }
 }

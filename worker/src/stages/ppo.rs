@@ -271,6 +271,8 @@ pub struct PolicyEval {
     /// Mean length of greedy responses, in tokens.
     pub response_length: f64,
     pub prompts: usize,
+    /// The first few (question, greedy response, score), for a human to look at.
+    pub samples: Vec<(String, String, f32)>,
     /// Exact-answer accuracy (with --eval_qa_file).
     pub qa: Option<QaAccuracy>,
 }
@@ -424,6 +426,13 @@ fn evaluate<B: Backend>(
                     .zip(&reference.logp[i])
                     .map(|(&a, &b)| (a - b) as f64)
                     .sum::<f64>();
+            }
+            for r in greedy_r
+                .iter()
+                .take(3usize.saturating_sub(out.samples.len()))
+            {
+                let q = chunk[r.prompt].prompt.question.clone();
+                out.samples.push((q, r.response_text.clone(), r.raw_score));
             }
             rg += greedy_r.iter().map(|r| r.raw_score as f64).sum::<f64>();
             rs += sampled.iter().map(|r| r.raw_score as f64).sum::<f64>();

@@ -1,0 +1,224 @@
+//! `rlhf ppo` end to end on a tiny model: PT on conversations whose answers
+//! are helpful or not, a reward model that prefers the helpful ones (a LoRA
+//! adapter on the PT model, so PPO shares its base), then PPO raises the
+//! reward; a run stopped and resumed from its checkpoint ends bitwise where
+//! an uninterrupted one does.
+
+use crate::rlhf;
+use rlhf_tests::*;
+use std::path::{Path, PathBuf};
+
+const QUESTIONS: [&str; 6] = [
+    "What should I do about fever?",
+    "What should I do about a cough?",
+    "What should I do about headache?",
+    "What should I do about a rash?",
+    "What should I do about nausea?",
+    "What should I do about back pain?",
+];
+const GOOD: [&str; 3] = [
+    "Rest, drink water and see a doctor if it lasts.",
+    "Take the prescribed medicine and rest.",
+    "Drink fluids and rest; see a doctor if it gets worse.",
+];
+const BAD: [&str; 3] = ["I do not know.", "Ignore it.", "No idea, sorry."];
+
+fn chatml(q: &str, a: &str) -> String {
+    format!(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n"
+    )
+}
+
+struct PpoSetup {
+    ws: Workspace,
+    pt_model: PathBuf,
+    rm: PathBuf,
+    prompts: PathBuf,
+    valid: PathBuf,
+}
+
+/// PT (so the model answers both ways), then an RM adapter on the PT model.
+fn ppo_setup() -> PpoSetup {
+    let ws = Workspace::new();
+    // PT documents: whole conversations (JSON lines keep their newlines).
+    let mut docs = String::new();
+    for (i, q) in QUESTIONS.iter().enumerate() {
+        for j in 0..3 {
+            for a in [GOOD[(i + j) % 3], BAD[(i + 2 * j) % 3]] {
+                docs.push_str(&serde_json::json!({ "text": chatml(q, a) }).to_string());
+                docs.push('\n');
+            }
+        }
+    }
+    ws.write("pt/data.jsonl", docs.repeat(8));
+    // The tokenizer is trained on the same text, one conversation per line.
+    let lines: String = docs
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .replace('\n', " ")
+                + "\n"
+        })
+        .collect();
+    let corpus_file = ws.write("corpus.txt", lines.repeat(8));
+    let base = ws.path("base");
+    rlhf().init_tiny_model(&corpus_file, &base);
+    let pt_model = ws.path("pt_out");
+    rlhf()
+        .pt(&base, &ws.path("pt"), &pt_model)
+        .opt("--use_peft", "false")
+        .opt("--block_size", "64")
+        .opt("--per_device_train_batch_size", "4")
+        .opt("--max_steps", "600")
+        .opt("--learning_rate", "5e-3")
+        .opt("--save_steps", "1000")
+        .ok();
+    let pair = |q: &str, c: &str, r: &str| {
+        format!(
+            "{{\"conversations\": [{{\"from\": \"human\", \"value\": \"{q}\"}}], \"chosen\": \"{c}\", \"rejected\": \"{r}\"}}\n"
+        )
+    };
+    let mut pairs = String::new();
+    for (i, q) in QUESTIONS.iter().enumerate() {
+        for j in 0..3 {
+            pairs.push_str(&pair(q, GOOD[(i + j) % 3], BAD[(i + j + 1) % 3]));
+        }
+    }
+    ws.write("pairs/train.jsonl", &pairs);
+    let rm = ws.path("rm_out");
+    rlhf()
+        .cmd("rm")
+        .opt("--model_name_or_path", &pt_model)
+        .opt("--train_file_dir", ws.path("pairs"))
+        .opt("--validation_split_percentage", "0")
+        .opt("--output_dir", &rm)
+        .opt("--per_device_train_batch_size", "6")
+        .opt("--learning_rate", "3e-3")
+        .opt("--max_steps", "30")
+        .opt("--save_steps", "1000")
+        .ok();
+    let conv = |q: &str| {
+        format!("{{\"conversations\": [{{\"from\": \"human\", \"value\": \"{q}\"}}, {{\"from\": \"gpt\", \"value\": \"x\"}}]}}\n")
+    };
+    // PPO samples the first four questions; evaluation asks all six.
+    let prompts: String = QUESTIONS[..4].iter().map(|q| conv(q)).collect();
+    let valid: String = QUESTIONS.iter().map(|q| conv(q)).collect();
+    ws.write("prompts/train.jsonl", prompts);
+    ws.write("prompts_valid/valid.jsonl", valid);
+    PpoSetup {
+        pt_model,
+        rm,
+        prompts: ws.path("prompts"),
+        valid: ws.path("prompts_valid"),
+        ws,
+    }
+}
+
+/// `rlhf ppo` with small, fast settings: `iters` iterations of 8 rollouts.
+fn ppo(s: &PpoSetup, out: &Path, iters: u64) -> Cmd {
+    rlhf()
+        .cmd("ppo")
+        .opt("--model_name_or_path", &s.pt_model)
+        .opt("--reward_model_name_or_path", &s.rm)
+        .opt("--train_file_dir", &s.prompts)
+        .opt("--validation_file_dir", &s.valid)
+        .opt("--output_dir", out)
+        .opt("--batch_size", "8")
+        .opt("--mini_batch_size", "4")
+        .opt("--ppo_epochs", "2")
+        .opt("--learning_rate", "1e-3")
+        .opt("--init_kl_coef", "0.05")
+        .opt("--max_target_length", "48")
+        .opt("--max_steps", (8 * iters).to_string())
+        .opt("--save_steps", "2")
+        .opt("--seed", "3")
+}
+
+#[test]
+fn ppo_raises_the_reward_on_a_shared_base_and_resumes_exactly() {
+    let s = ppo_setup();
+    let out = s.ws.path("ppo");
+    let printed = ppo(&s, &out, 8).ok().json();
+    assert_eq!(
+        printed["reward_model"],
+        "adapter on the policy's base (shared weights)"
+    );
+    let metrics = read_jsonl(&out.join("metrics.jsonl"));
+    assert_eq!(metrics.len(), 8);
+    let reward = |m: &serde_json::Value| num(m, "env/reward_mean");
+    let first = reward(&metrics[0]);
+    let last: f64 = metrics[5..].iter().map(reward).sum::<f64>() / 3.0;
+    assert!(last > first + 0.5, "reward did not rise: {first} -> {last}");
+    // The adapter starts at zero: the policy is the reference at step 1.
+    assert_eq!(num(&metrics[0], "objective/kl"), 0.0);
+    for m in &metrics {
+        for key in [
+            "objective/kl",
+            "objective/entropy",
+            "ppo/policy/clipfrac",
+            "ppo/policy/approxkl",
+            "ppo/loss/value",
+            "ppo/val/var_explained",
+            "tokens/response_len_mean",
+            "time/rollout_tokens_per_sec",
+            "time/update_s",
+        ] {
+            assert!(num(m, key).is_finite(), "{key} in {m}");
+        }
+    }
+    // Held-out prompts: the sampled reward rose, with the KL reported.
+    let r = read_json(&out.join("all_results.json"));
+    let before = num(&r["initial_eval"], "reward_sampled");
+    let after = num(&r["eval"], "reward_sampled");
+    assert!(after > before + 0.2, "held-out reward {before} -> {after}");
+    assert!(num(&r["eval"], "kl_sampled").is_finite());
+    // Outputs: a PEFT causal-LM adapter and the value head beside it.
+    assert_eq!(
+        read_json(&out.join("adapter_config.json"))["task_type"],
+        "CAUSAL_LM"
+    );
+    let vh = read_safetensors(&out.join("value_head.safetensors"));
+    assert_eq!(vh["v_head.summary.weight"].shape, [1, TINY_HIDDEN]);
+    let adapter = read_safetensors(&out.join("adapter_model.safetensors"));
+    assert!(
+        adapter.keys().all(|k| k.contains(".lora_")),
+        "{:?}",
+        adapter.keys()
+    );
+
+    // Stop after 3 iterations, resume from the checkpoint at 2: the same end.
+    let out2 = s.ws.path("ppo_resumed");
+    ppo(&s, &out2, 8).opt("--stop_after_steps", "3").ok();
+    assert_eq!(checkpoints(&out2), ["checkpoint-2"]);
+    ppo(&s, &out2, 8)
+        .opt("--resume_from_checkpoint", "true")
+        .ok();
+    for f in ["adapter_model.safetensors", "value_head.safetensors"] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(out2.join(f)).unwrap(),
+            "{f} differs after resume"
+        );
+    }
+    assert_eq!(read_jsonl(&out2.join("metrics.jsonl")).len(), 8);
+    let strip = |v: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+        v.into_iter()
+            .map(|mut m| {
+                for k in [
+                    "time/rollout_tokens_per_sec",
+                    "time/rollout_s",
+                    "time/update_s",
+                ] {
+                    m.as_object_mut().unwrap().remove(k);
+                }
+                m
+            })
+            .collect()
+    };
+    assert_eq!(
+        strip(read_jsonl(&out.join("metrics.jsonl"))),
+        strip(read_jsonl(&out2.join("metrics.jsonl")))
+    );
+}

@@ -306,7 +306,7 @@ impl Workspace {
                 let keep = std::env::var_os("RLHF_E2E_KEEP").is_some();
                 let dir = tempfile::Builder::new()
                     .prefix("rlhf-e2e-")
-                    .keep(keep)
+                    .disable_cleanup(keep)
                     .tempdir()
                     .expect("creating a temp dir");
                 if keep {

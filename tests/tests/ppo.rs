@@ -222,3 +222,91 @@ fn ppo_raises_the_reward_on_a_shared_base_and_resumes_exactly() {
         strip(read_jsonl(&out2.join("metrics.jsonl")))
     );
 }
+
+/// The PPO stage as a pipeline for the coordinator (paths relative to the workspace).
+fn ppo_pipeline(s: &PpoSetup, name: &str, workers: usize) -> PathBuf {
+    let rel = |p: &Path| p.strip_prefix(s.ws.path("")).unwrap().display().to_string();
+    let text = format!(
+        r#"[cluster]
+workers = {workers}
+heartbeat_interval_ms = 200
+heartbeat_timeout_ms = 5000
+state_dir = "{name}/.coordinator"
+
+[[stage]]
+name = "ppo"
+kind = "ppo"
+model_name_or_path = "{model}"
+reward_model_name_or_path = "{rm}"
+train_file_dir = "{prompts}"
+validation_file_dir = "{valid}"
+output_dir = "{name}/ppo"
+batch_size = 4
+mini_batch_size = 2
+ppo_epochs = 2
+learning_rate = 1e-3
+init_kl_coef = 0.05
+max_target_length = 48
+max_steps = 12
+save_steps = 2
+seed = 5
+"#,
+        model = rel(&s.pt_model),
+        rm = rel(&s.rm),
+        prompts = rel(&s.prompts),
+        valid = rel(&s.valid),
+    );
+    s.ws.write(&format!("{name}.toml"), text)
+}
+
+fn rlhf_run(s: &PpoSetup, file: &Path, extra: &[&str]) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .current_dir(s.ws.path(""))
+        .arg("run")
+        .arg(file)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rlhf run failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn two_ppo_workers_update_bitwise_as_one_process_holding_both_shares() {
+    let s = ppo_setup();
+    let two = ppo_pipeline(&s, "two", 2);
+    let two_in_one = ppo_pipeline(&s, "two_in_one", 2);
+    rlhf_run(&s, &two, &[]);
+    rlhf_run(&s, &two_in_one, &["--workers", "1"]);
+    for f in ["adapter_model.safetensors", "value_head.safetensors"] {
+        assert_eq!(
+            std::fs::read(s.ws.path(&format!("two/ppo/{f}"))).unwrap(),
+            std::fs::read(s.ws.path(&format!("two_in_one/ppo/{f}"))).unwrap(),
+            "{f}: 2 workers differ from 1 process holding both shares"
+        );
+    }
+    let metrics = |run: &str| {
+        read_jsonl(&s.ws.path(&format!("{run}/ppo/metrics.jsonl")))
+            .into_iter()
+            .map(|mut m| {
+                for k in [
+                    "time/rollout_tokens_per_sec",
+                    "time/rollout_s",
+                    "time/update_s",
+                ] {
+                    m.as_object_mut().unwrap().remove(k);
+                }
+                m
+            })
+            .collect::<Vec<_>>()
+    };
+    let m = metrics("two");
+    assert_eq!(m.len(), 3);
+    assert_eq!(m, metrics("two_in_one"));
+    let r = read_json(&s.ws.path("two/ppo/all_results.json"));
+    assert_eq!(num(&r, "rollouts_per_step"), 8.0, "{r}");
+}

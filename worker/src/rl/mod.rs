@@ -13,3 +13,4 @@ pub mod ppo_loss;
 pub mod prompts;
 pub mod reward;
 pub mod rollout;
+pub mod shares;

@@ -18,7 +18,6 @@ use super::rollout::{response_slice, sequence_batch, Rollout};
 use crate::collective::Collective;
 use crate::model::Llama;
 use crate::train::optim::Optimizer;
-use crate::train::trainer::sum_over_ranks;
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -137,54 +136,79 @@ pub struct PpoState {
     pub score_moments: RunningMoments,
 }
 
-/// Sum of x, x², count over all ranks; (mean, unbiased variance).
-fn global_moments<B: Backend>(
+/// The rollouts of the shares this rank holds: (share id, its rollouts).
+pub type Shares = [(usize, Vec<Rollout>)];
+
+/// Mean and unbiased variance of `values(rollout)` over every share of every
+/// rank (share-ordered sums, see `rl::shares`); also the count.
+fn share_moments<B: Backend>(
     model: &Llama<B>,
     collective: &mut dyn Collective<B>,
-    xs: impl Iterator<Item = f32> + Clone,
+    shares: &Shares,
+    n_shares: usize,
+    values: impl Fn(&Rollout) -> Vec<f32>,
 ) -> Result<(f64, f64, f64)> {
-    let (mut n, mut s) = (0f64, 0f64);
-    for x in xs.clone() {
-        n += 1.0;
-        s += x as f64;
-    }
-    let [n, s] = sum_over_ranks(model, collective, [n, s])?;
-    let mean = s / n.max(1.0);
-    let ss: f64 = xs.map(|x| (x as f64 - mean).powi(2)).sum();
-    let [ss] = sum_over_ranks(model, collective, [ss])?;
+    let firsts: Vec<(usize, [f64; 2])> = shares
+        .iter()
+        .map(|(s, rs)| {
+            let xs: Vec<f32> = rs.iter().flat_map(&values).collect();
+            (*s, [xs.len() as f64, xs.iter().map(|&x| x as f64).sum()])
+        })
+        .collect();
+    let [n, total] = super::shares::sum(model, collective, n_shares, &firsts)?;
+    let mean = total / n.max(1.0);
+    let seconds: Vec<(usize, [f64; 1])> = shares
+        .iter()
+        .map(|(s, rs)| {
+            let ss = rs
+                .iter()
+                .flat_map(&values)
+                .map(|x| (x as f64 - mean).powi(2))
+                .sum();
+            (*s, [ss])
+        })
+        .collect();
+    let [ss] = super::shares::sum(model, collective, n_shares, &seconds)?;
     let var = if n > 1.0 { ss / (n - 1.0) } else { 0.0 };
     Ok((mean, var, n))
 }
 
 /// Apply the score shaping to every rollout's raw score (statistics over all
-/// ranks); sets `score`.
+/// shares); sets `score`.
 pub fn shape_scores<B: Backend>(
     model: &Llama<B>,
     collective: &mut dyn Collective<B>,
-    rollouts: &mut [Rollout],
+    shares: &mut Shares,
+    n_shares: usize,
     shaping: &ScoreShaping,
     moments: &mut RunningMoments,
 ) -> Result<()> {
-    for r in rollouts.iter_mut() {
-        r.score = r.raw_score - shaping.baseline;
+    for (_, rs) in shares.iter_mut() {
+        for r in rs.iter_mut() {
+            r.score = r.raw_score - shaping.baseline;
+        }
     }
     if shaping.scaling {
-        let (mean, var, n) = global_moments(model, collective, rollouts.iter().map(|r| r.score))?;
+        let (mean, var, n) = share_moments(model, collective, shares, n_shares, |r| vec![r.score])?;
         let pop_var = if n > 0.0 { var * (n - 1.0) / n } else { 0.0 };
         moments.update(mean, pop_var, n);
         let factor = moments.std() + f32::EPSILON as f64;
-        for r in rollouts.iter_mut() {
-            let s = r.score as f64;
-            r.score = if shaping.norm {
-                ((s - moments.mean) / factor) as f32
-            } else {
-                (s / factor) as f32
-            };
+        for (_, rs) in shares.iter_mut() {
+            for r in rs.iter_mut() {
+                let s = r.score as f64;
+                r.score = if shaping.norm {
+                    ((s - moments.mean) / factor) as f32
+                } else {
+                    (s / factor) as f32
+                };
+            }
         }
     }
     if let Some(c) = shaping.clip {
-        for r in rollouts.iter_mut() {
-            r.score = r.score.clamp(-c, c);
+        for (_, rs) in shares.iter_mut() {
+            for r in rs.iter_mut() {
+                r.score = r.score.clamp(-c, c);
+            }
         }
     }
     Ok(())
@@ -210,40 +234,50 @@ pub fn token_rewards(
     r
 }
 
-/// Rewards, advantages (GAE, then whitened over all ranks' tokens) and
+/// Rewards, advantages (GAE, then whitened over every share's tokens) and
 /// returns of every rollout, whose logp, ref_logp, values and score are set.
 pub fn compute_advantages<B: Backend>(
     model: &Llama<B>,
     collective: &mut dyn Collective<B>,
-    rollouts: &mut [Rollout],
+    shares: &mut Shares,
+    n_shares: usize,
     cfg: &PpoConfig,
     kl_coef: f64,
 ) -> Result<()> {
-    for r in rollouts.iter_mut() {
-        r.rewards = token_rewards(&r.logp, &r.ref_logp, r.score, kl_coef, cfg.kl_penalty);
+    for (_, rs) in shares.iter_mut() {
+        for r in rs.iter_mut() {
+            r.rewards = token_rewards(&r.logp, &r.ref_logp, r.score, kl_coef, cfg.kl_penalty);
+        }
     }
     if cfg.whiten_rewards {
-        let all = rollouts.iter().flat_map(|r| r.rewards.iter().copied());
-        let (mean, var, _) = global_moments(model, collective, all)?;
+        let (mean, var, _) =
+            share_moments(model, collective, shares, n_shares, |r| r.rewards.clone())?;
         let inv = 1.0 / (var + 1e-8).sqrt();
-        for r in rollouts.iter_mut() {
-            // shift_mean = False: the mean is kept.
-            for x in r.rewards.iter_mut() {
-                *x = ((*x as f64 - mean) * inv + mean) as f32;
+        for (_, rs) in shares.iter_mut() {
+            for r in rs.iter_mut() {
+                // shift_mean = False: the mean is kept.
+                for x in r.rewards.iter_mut() {
+                    *x = ((*x as f64 - mean) * inv + mean) as f32;
+                }
             }
         }
     }
-    for r in rollouts.iter_mut() {
-        let (adv, ret) = gae(&r.rewards, &r.values, cfg.gamma, cfg.lam);
-        r.advantages = adv;
-        r.returns = ret;
+    for (_, rs) in shares.iter_mut() {
+        for r in rs.iter_mut() {
+            let (adv, ret) = gae(&r.rewards, &r.values, cfg.gamma, cfg.lam);
+            r.advantages = adv;
+            r.returns = ret;
+        }
     }
-    let all = rollouts.iter().flat_map(|r| r.advantages.iter().copied());
-    let (mean, var, _) = global_moments(model, collective, all)?;
+    let (mean, var, _) = share_moments(model, collective, shares, n_shares, |r| {
+        r.advantages.clone()
+    })?;
     let inv = 1.0 / (var + 1e-8).sqrt();
-    for r in rollouts.iter_mut() {
-        for a in r.advantages.iter_mut() {
-            *a = ((*a as f64 - mean) * inv) as f32;
+    for (_, rs) in shares.iter_mut() {
+        for r in rs.iter_mut() {
+            for a in r.advantages.iter_mut() {
+                *a = ((*a as f64 - mean) * inv) as f32;
+            }
         }
     }
     Ok(())
@@ -423,7 +457,7 @@ pub fn update<B: Backend>(
     opt: &mut Optimizer<B>,
     collective: &mut dyn Collective<B>,
     cfg: &PpoConfig,
-    shares: &[(usize, &[Rollout])],
+    shares: &Shares,
     n_shares: usize,
     pad_id: u32,
     step: u64,
@@ -454,10 +488,13 @@ pub fn update<B: Backend>(
             .iter()
             .map(|(s, _)| share_order(cfg.batch_size, cfg.seed, step, epoch, *s))
             .collect();
-        let mut epoch_stats = UpdateStats::default();
+        // Statistics per share, summed in share order over all ranks.
+        let mut epoch_stats = vec![UpdateStats::default(); shares.len()];
         for k in 0..opt_steps {
             model.zero_grads()?;
-            for ((_, rollouts), order) in shares.iter().zip(&orders) {
+            for (((_, rollouts), order), stats) in
+                shares.iter().zip(&orders).zip(epoch_stats.iter_mut())
+            {
                 for g in 0..cfg.gradient_accumulation_steps {
                     let from = (k * cfg.gradient_accumulation_steps + g) * cfg.mini_batch_size;
                     let mb: Vec<&Rollout> = order[from..from + cfg.mini_batch_size]
@@ -465,7 +502,7 @@ pub fn update<B: Backend>(
                         .map(|&i| &rollouts[i])
                         .collect();
                     let s = mini_batch(model, &mb, pad_id, cfg, scale)?;
-                    epoch_stats.add(&s);
+                    stats.add(&s);
                 }
             }
             if collective.world_size() > 1 {
@@ -480,8 +517,13 @@ pub fn update<B: Backend>(
             }
             total.optimizer_steps += 1;
         }
+        let local: Vec<(usize, [f64; 9])> = shares
+            .iter()
+            .zip(&epoch_stats)
+            .map(|((s, _), st)| (*s, st.as_array()))
+            .collect();
         let epoch_sum =
-            UpdateStats::from_array(sum_over_ranks(model, collective, epoch_stats.as_array())?);
+            UpdateStats::from_array(super::shares::sum(model, collective, n_shares, &local)?);
         total.add(&epoch_sum);
         total.epochs = epoch + 1;
         // TRL stops when the policy KL passes 1.5 × target_kl (it reads the

@@ -47,7 +47,6 @@ use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::metrics::{Metrics, Progress};
 use crate::train::optim::{OptimConfig, Optimizer};
-use crate::train::trainer::sum_over_ranks;
 use crate::train::{LogRecord, TrainHooks};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -734,26 +733,28 @@ pub fn run_dist<B: Backend>(
         }
         let rollout_secs = t_roll.elapsed().as_secs_f64();
         // Score shaping and advantages over all shares of all ranks.
-        let mut flat: Vec<Rollout> = shares.iter_mut().flat_map(|(_, r)| r.drain(..)).collect();
         shape_scores(
             &model,
             collective,
-            &mut flat,
+            &mut shares,
+            n_shares,
             &shaping,
             &mut state.score_moments,
         )?;
-        compute_advantages(&model, collective, &mut flat, &cfg, state.kl.value)?;
-        let local = rollout_sums(&flat);
-        let sums = sum_over_ranks(&model, collective, local)?;
-        let mut it = flat.into_iter();
-        for (_, r) in shares.iter_mut() {
-            r.extend(it.by_ref().take(p.batch_size));
-        }
+        compute_advantages(
+            &model,
+            collective,
+            &mut shares,
+            n_shares,
+            &cfg,
+            state.kl.value,
+        )?;
+        let local: Vec<(usize, [f64; SUMS])> =
+            shares.iter().map(|(s, r)| (*s, rollout_sums(r))).collect();
+        let sums = crate::rl::shares::sum(&model, collective, n_shares, &local)?;
         let t_upd = Instant::now();
-        let views: Vec<(usize, &[Rollout])> =
-            shares.iter().map(|(s, r)| (*s, r.as_slice())).collect();
         let upd = update(
-            &mut model, &mut opt, collective, &cfg, &views, n_shares, pad_id, step,
+            &mut model, &mut opt, collective, &cfg, &shares, n_shares, pad_id, step,
         )?;
         let update_secs = t_upd.elapsed().as_secs_f64();
         // The controller sees the mean sequence KL of the batch (TRL: batch_size × processes).

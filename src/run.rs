@@ -143,35 +143,112 @@ fn write_token(path: &std::path::Path, token: &Token) -> Result<()> {
     Ok(())
 }
 
+/// One line of the closing table: what a stage was for, measured on
+/// held-out data before and after it.
+struct Measure {
+    stage: String,
+    what: String,
+    before: String,
+    after: String,
+}
+
+/// The held-out measures in a stage's results (all_results.json).
+fn measures(stage: &str, results: &serde_json::Value) -> Vec<Measure> {
+    let f = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_f64());
+    let pct = |x: Option<f64>| x.map_or("-".into(), |x| format!("{:.1}%", 100.0 * x));
+    let num = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.3}"));
+    let mut out = Vec::new();
+    let mut push = |what: String, before: String, after: String| {
+        out.push(Measure {
+            stage: stage.to_string(),
+            what,
+            before,
+            after,
+        })
+    };
+    if let (Some(b), Some(a)) = (f(results, "initial_perplexity"), f(results, "perplexity")) {
+        push(
+            "held-out perplexity".into(),
+            format!("{b:.2}"),
+            format!("{a:.2}"),
+        );
+    }
+    if let Some(a) = f(results, "qa_accuracy") {
+        push(
+            format!(
+                "held-out answer accuracy ({} questions)",
+                f(results, "qa_total").unwrap_or(f64::NAN)
+            ),
+            pct(f(results, "initial_qa_accuracy")),
+            pct(Some(a)),
+        );
+    }
+    if let (Some(b), Some(a)) = (
+        f(results, "initial_eval_accuracy"),
+        f(results, "eval_accuracy"),
+    ) {
+        push(
+            format!(
+                "held-out pair accuracy ({} pairs)",
+                f(results, "eval_pairs").unwrap_or(f64::NAN)
+            ),
+            pct(Some(b)),
+            pct(Some(a)),
+        );
+    }
+    // RL stages: {initial_eval, eval} objects.
+    let (ie, e) = (&results["initial_eval"], &results["eval"]);
+    if e.is_object() {
+        push(
+            format!(
+                "held-out reward, greedy ({} prompts)",
+                f(e, "prompts").unwrap_or(f64::NAN)
+            ),
+            num(f(ie, "reward_greedy")),
+            num(f(e, "reward_greedy")),
+        );
+        push(
+            "held-out reward, sampled".into(),
+            num(f(ie, "reward_sampled")),
+            num(f(e, "reward_sampled")),
+        );
+        push(
+            "KL to the reference, sampled (nats/response)".into(),
+            num(f(ie, "kl_sampled")),
+            num(f(e, "kl_sampled")),
+        );
+        if e["qa"].is_object() {
+            push(
+                format!(
+                    "held-out answer accuracy ({} questions)",
+                    f(&e["qa"], "total").unwrap_or(f64::NAN)
+                ),
+                pct(f(&ie["qa"], "accuracy")),
+                pct(f(&e["qa"], "accuracy")),
+            );
+        }
+    }
+    out
+}
+
 fn report(o: &PipelineOutcome) -> Result<()> {
+    let mut table = Vec::new();
     for (stage, results) in &o.results {
         println!("stage {stage}: {results}");
-        let f = |k: &str| results.get(k).and_then(|v| v.as_f64());
-        if let (Some(before), Some(after)) = (f("initial_perplexity"), f("perplexity")) {
-            println!(
-                "  held-out perplexity {before:.2} -> {after:.2} ({} steps, {:.0} tokens/s)",
-                f("global_step").unwrap_or(f64::NAN),
-                f("train_tokens_per_second").unwrap_or(f64::NAN)
-            );
+        let m = measures(stage, results);
+        for x in &m {
+            println!("  {} {} -> {}", x.what, x.before, x.after);
         }
-        if let Some(after) = f("qa_accuracy") {
-            println!(
-                "  held-out answer accuracy {:.1}% -> {:.1}% ({} of {} questions)",
-                100.0 * f("initial_qa_accuracy").unwrap_or(f64::NAN),
-                100.0 * after,
-                f("qa_correct").unwrap_or(f64::NAN),
-                f("qa_total").unwrap_or(f64::NAN)
-            );
+        table.extend(m);
+    }
+    if !table.is_empty() {
+        println!();
+        println!("| stage | held-out measure | before | after |");
+        println!("|---|---|---|---|");
+        for x in &table {
+            println!("| {} | {} | {} | {} |", x.stage, x.what, x.before, x.after);
         }
-        if let (Some(before), Some(after)) = (f("initial_eval_accuracy"), f("eval_accuracy")) {
-            println!(
-                "  held-out pair accuracy {:.1}% -> {:.1}% (mean margin {:.2}, {} pairs)",
-                100.0 * before,
-                100.0 * after,
-                f("eval_mean_margin").unwrap_or(f64::NAN),
-                f("eval_pairs").unwrap_or(f64::NAN)
-            );
-        }
+        println!();
     }
     if !o.success {
         bail!("pipeline failed: {}", o.message);

@@ -164,7 +164,7 @@ fn the_example_pipeline_loads() {
         PathBuf::from("out/pipeline/.coordinator")
     );
     let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["demo", "pt", "sft", "rm"]);
+    assert_eq!(names, ["demo", "pt", "sft", "sft_merged", "rm", "ppo"]);
     let kinds: Vec<StageKind> = p.stages.iter().map(|s| s.kind).collect();
     assert_eq!(
         kinds,
@@ -172,9 +172,17 @@ fn the_example_pipeline_loads() {
             StageKind::Demo,
             StageKind::Pt,
             StageKind::Sft,
-            StageKind::Rm
+            StageKind::Merge,
+            StageKind::Rm,
+            StageKind::Ppo
         ]
     );
+    // PPO's rollouts per iteration: batch_size per planned worker.
+    assert_eq!(p.global_batch(5).unwrap(), 2 * 8);
+    let ppo = p.stage_argv(5).unwrap();
+    assert!(ppo
+        .windows(2)
+        .any(|w| w == ["--reward_model_name_or_path", "out/pipeline/rm"]));
     let argv = p.stage_argv(1).unwrap();
     assert!(argv
         .windows(2)
@@ -185,12 +193,14 @@ fn the_example_pipeline_loads() {
     assert_eq!(p.output_dir(1).unwrap(), "out/pipeline/pt");
     // The same global batch as the single-process `rlhf demo` (8).
     assert_eq!(p.global_batch(1).unwrap(), 8);
-    // SFT and RM start from the PT output and read the demo's QA data.
-    for (i, data) in [(2, "sft"), (3, "reward")] {
+    // SFT starts from the PT output, RM from the merged SFT model; both read
+    // the demo's QA data.
+    for (i, data, base) in [
+        (2, "sft", "out/pipeline/pt"),
+        (4, "reward", "out/pipeline/sft-merged"),
+    ] {
         let argv = p.stage_argv(i).unwrap();
-        assert!(argv
-            .windows(2)
-            .any(|w| w == ["--model_name_or_path", "out/pipeline/pt"]));
+        assert!(argv.windows(2).any(|w| w == ["--model_name_or_path", base]));
         let train = format!("out/pipeline/demo/data/{data}/train");
         assert!(argv
             .windows(2)

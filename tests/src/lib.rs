@@ -73,6 +73,25 @@ impl Rlhf {
         }
     }
 
+    /// `rlhf run FILE [extra]` in `dir` (a pipeline's paths are relative to
+    /// it); panics with its output on failure.
+    pub fn run_pipeline(&self, dir: &Path, file: &Path, extra: &[&str]) -> std::process::Output {
+        let out = std::process::Command::new(&self.bin)
+            .current_dir(dir)
+            .arg("run")
+            .arg(file)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rlhf run failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     /// `rlhf init-model` of the tiny model, tokenizer trained on `corpus`.
     pub fn init_tiny_model(&self, corpus: &Path, out: &Path) -> Run {
         let mut c = self

@@ -40,20 +40,7 @@ use_peft = true
 
 /// `rlhf run FILE [extra]` in the workspace; panics with its output on failure.
 fn rlhf_run(s: &Setup, file: &Path, extra: &[&str]) -> std::process::Output {
-    let out = Command::new(BIN)
-        .current_dir(s.ws.path(""))
-        .arg("run")
-        .arg(file)
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "rlhf run failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    crate::rlhf().run_pipeline(&s.ws.path(""), file, extra)
 }
 
 fn adapter(s: &Setup, name: &str) -> std::collections::BTreeMap<String, Tensor> {

@@ -259,29 +259,14 @@ seed = 5
     s.ws.write(&format!("{name}.toml"), text)
 }
 
-fn rlhf_run(s: &PpoSetup, file: &Path, extra: &[&str]) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .current_dir(s.ws.path(""))
-        .arg("run")
-        .arg(file)
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "rlhf run failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn two_ppo_workers_update_bitwise_as_one_process_holding_both_shares() {
     let s = ppo_setup();
     let two = ppo_pipeline(&s, "two", 2);
     let two_in_one = ppo_pipeline(&s, "two_in_one", 2);
-    rlhf_run(&s, &two, &[]);
-    rlhf_run(&s, &two_in_one, &["--workers", "1"]);
+    let dir = s.ws.path("");
+    rlhf().run_pipeline(&dir, &two, &[]);
+    rlhf().run_pipeline(&dir, &two_in_one, &["--workers", "1"]);
     for f in ["adapter_model.safetensors", "value_head.safetensors"] {
         assert_eq!(
             std::fs::read(s.ws.path(&format!("two/ppo/{f}"))).unwrap(),

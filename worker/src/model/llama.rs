@@ -28,6 +28,27 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Token rows right-padded with `pad_id` to the longest, no labels, rows
+    /// keyed 0..B (the caller may re-key them).
+    pub fn right_padded(rows: &[&[u32]], pad_id: u32) -> Batch {
+        let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        let b = rows.len();
+        let mut input_ids = vec![pad_id; b * t];
+        let mut mask = vec![0u8; b * t];
+        for (i, r) in rows.iter().enumerate() {
+            input_ids[i * t..i * t + r.len()].copy_from_slice(r);
+            mask[i * t..i * t + r.len()].fill(1);
+        }
+        Batch {
+            b,
+            t,
+            input_ids,
+            attention_mask: mask.contains(&0).then_some(mask),
+            labels: vec![-100; b * t],
+            sample_keys: (0..b as u64).collect(),
+        }
+    }
+
     /// Targets aligned with logits rows: targets[b,t] = labels[b,t+1], -100 at t = T-1.
     pub fn shifted_targets(&self) -> Vec<i32> {
         let mut out = vec![-100; self.b * self.t];

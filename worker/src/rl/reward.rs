@@ -216,7 +216,8 @@ impl<B: Backend> RewardModel<B> {
         let pad = self.pad_id;
         let bs = self.batch_size.max(1);
         for chunk in rows.chunks(bs) {
-            let batch = pad_rows(chunk, pad);
+            let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+            let batch = Batch::right_padded(&refs, pad);
             let scores = match &mut self.weights {
                 RewardWeights::SharedBase(adapter) => policy.with_adapter(adapter, |m| {
                     let saved = m.cfg.pad_token_id.replace(pad);
@@ -232,25 +233,5 @@ impl<B: Backend> RewardModel<B> {
             out.extend(scores);
         }
         Ok(out)
-    }
-}
-
-/// Right-pad rows into a batch with no labels.
-fn pad_rows(rows: &[Vec<u32>], pad: u32) -> Batch {
-    let t = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let b = rows.len();
-    let mut input_ids = vec![pad; b * t];
-    let mut mask = vec![0u8; b * t];
-    for (i, r) in rows.iter().enumerate() {
-        input_ids[i * t..i * t + r.len()].copy_from_slice(r);
-        mask[i * t..i * t + r.len()].fill(1);
-    }
-    Batch {
-        b,
-        t,
-        input_ids,
-        attention_mask: mask.contains(&0).then_some(mask),
-        labels: vec![-100; b * t],
-        sample_keys: (0..b as u64).collect(),
     }
 }

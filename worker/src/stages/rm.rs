@@ -172,21 +172,9 @@ pub fn collate_pairs(pairs: &[&PairTokens], keys: &[u64], pad_id: u32) -> Batch 
         .iter()
         .flat_map(|p| [p.chosen.as_slice(), p.rejected.as_slice()])
         .collect();
-    let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let b = rows.len();
-    let mut input_ids = vec![pad_id; b * t];
-    let mut mask = vec![0u8; b * t];
-    for (i, r) in rows.iter().enumerate() {
-        input_ids[i * t..i * t + r.len()].copy_from_slice(r);
-        mask[i * t..i * t + r.len()].fill(1);
-    }
     Batch {
-        b,
-        t,
-        input_ids,
-        attention_mask: mask.contains(&0).then_some(mask),
-        labels: vec![-100; b * t],
         sample_keys: keys.iter().flat_map(|&k| [2 * k, 2 * k + 1]).collect(),
+        ..Batch::right_padded(&rows, pad_id)
     }
 }
 

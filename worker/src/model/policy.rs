@@ -144,3 +144,34 @@ impl<B: Backend> Llama<B> {
         self.run_backward(batch, dropout_seed)
     }
 }
+
+impl<B: Backend> Llama<B> {
+    /// Σ over each row's predicted tokens of log p (a sequence's
+    /// log-likelihood, as DPO and a likelihood reward model read it): [B].
+    /// Keeps the activations for [`Self::sequence_logp_backward`].
+    pub fn sequence_logp(&mut self, batch: &Batch, dropout_seed: Option<u64>) -> Result<Vec<f32>> {
+        let out = self.token_forward(batch, dropout_seed, false)?;
+        Ok(out
+            .logp
+            .chunks(batch.t)
+            .map(|row| row.iter().map(|&x| x as f64).sum::<f64>() as f32)
+            .collect())
+    }
+
+    /// Gradients of Σ_b d[b]·sequence_logp[b] added into `self.grads`.
+    pub fn sequence_logp_backward(
+        &mut self,
+        batch: &Batch,
+        d: &[f32],
+        dropout_seed: Option<u64>,
+    ) -> Result<()> {
+        if d.len() != batch.b {
+            bail!("{} sequence gradients for {} rows", d.len(), batch.b);
+        }
+        let dlogp: Vec<f32> = d
+            .iter()
+            .flat_map(|&g| std::iter::repeat_n(g, batch.t))
+            .collect();
+        self.token_backward(batch, &dlogp, None, dropout_seed)
+    }
+}

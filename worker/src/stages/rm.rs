@@ -58,6 +58,80 @@ pub struct RmDataFlags {
     /// Skip invalid records (counted and reported) instead of stopping at the first.
     #[arg(long = "skip_invalid", default_value = "false", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true")]
     pub skip_invalid: bool,
+    /// Not a MedicalGPT argument. `head`: a scalar score head on the last
+    /// token (transformers' *ForSequenceClassification). `likelihood`: the
+    /// score is the answer's log-likelihood Σ log p(answer tokens | conversation)
+    /// under the model (a generative reward model; the output is a causal-LM
+    /// adapter or model plus reward_config.json). The same pairwise loss trains both.
+    #[arg(long = "score_type", default_value = "head")]
+    pub score_type: ScoreType,
+}
+
+/// How a reward model turns a text into its score.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScoreType {
+    /// A linear head on the last non-padding token.
+    Head,
+    /// Σ log p of the answer's tokens under the language model.
+    Likelihood,
+}
+
+impl std::str::FromStr for ScoreType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "head" => Ok(ScoreType::Head),
+            "likelihood" => Ok(ScoreType::Likelihood),
+            _ => Err(format!(
+                "unknown score_type {s:?} (expected head or likelihood)"
+            )),
+        }
+    }
+}
+
+impl ScoreType {
+    pub fn name(self) -> &'static str {
+        match self {
+            ScoreType::Head => "head",
+            ScoreType::Likelihood => "likelihood",
+        }
+    }
+
+    /// The model head this score needs.
+    pub fn head(self) -> Head {
+        match self {
+            ScoreType::Head => Head::Score,
+            ScoreType::Likelihood => Head::CausalLm,
+        }
+    }
+}
+
+/// The file beside a likelihood reward model's weights that says so.
+pub const REWARD_CONFIG_FILE: &str = "reward_config.json";
+
+/// Write `reward_config.json` (`{"score_type": ...}`) into `dir`.
+pub fn write_reward_config(dir: &std::path::Path, score_type: ScoreType) -> Result<()> {
+    write_json_atomic(
+        &dir.join(REWARD_CONFIG_FILE),
+        &json!({ "score_type": score_type.name() }),
+    )
+}
+
+/// The score type of a reward model dir: its reward_config.json, else a head.
+pub fn read_score_type(dir: &std::path::Path) -> Result<ScoreType> {
+    let path = dir.join(REWARD_CONFIG_FILE);
+    if !path.exists() {
+        return Ok(ScoreType::Head);
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    v.get("score_type")
+        .and_then(|t| t.as_str())
+        .with_context(|| format!("{}: no string \"score_type\"", path.display()))?
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 #[derive(Args, Clone, Debug)]
@@ -103,6 +177,26 @@ impl PairFormat {
         }
     }
 
+    /// The text before the answer: the conversation with the generation
+    /// prompt (the 2023 text up to "Answer: ").
+    pub fn render_prompt(&self, pair: &PreferencePair) -> Result<String> {
+        match self {
+            PairFormat::Chat(f) => {
+                let mut msgs = Vec::new();
+                if let Some(s) = &pair.system {
+                    msgs.push(Message::system(s.as_str()));
+                }
+                for (q, a) in &pair.history {
+                    msgs.push(Message::user(q.as_str()));
+                    msgs.push(Message::assistant(a.as_str()));
+                }
+                msgs.push(Message::user(pair.question.as_str()));
+                f.render(&msgs, true)
+            }
+            PairFormat::Question2023 => self.render(pair, ""),
+        }
+    }
+
     /// The text of the pair's conversation ending with `answer`.
     pub fn render(&self, pair: &PreferencePair, answer: &str) -> Result<String> {
         match self {
@@ -144,6 +238,20 @@ impl PairFormat {
 pub struct PairTokens {
     pub chosen: Vec<u32>,
     pub rejected: Vec<u32>,
+    /// Index of each side's first answer token (after the shared prompt).
+    pub chosen_start: usize,
+    pub rejected_start: usize,
+}
+
+/// Where the answer begins in `full`: after the longest common prefix with
+/// the prompt's tokens (a merge across the boundary puts that token in the answer).
+pub fn answer_start(prompt: &[u32], full: &[u32]) -> usize {
+    prompt
+        .iter()
+        .zip(full)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(full.len().saturating_sub(1))
 }
 
 /// The pairwise loss of InstructGPT / MedicalGPT's RewardTrainer over rows
@@ -167,14 +275,53 @@ pub fn pairwise_loss(scores: &[f32], grad_scale: f32) -> (f64, Vec<f32>) {
 
 /// Rows [c0, r0, c1, r1, ...] right-padded with `pad_id` to the longest row;
 /// row keys 2·key (chosen) and 2·key+1 (rejected) for LoRA dropout.
+/// Labels are each side's answer tokens (for the likelihood score).
 pub fn collate_pairs(pairs: &[&PairTokens], keys: &[u64], pad_id: u32) -> Batch {
-    let rows: Vec<&[u32]> = pairs
+    let rows: Vec<(&[u32], usize)> = pairs
         .iter()
-        .flat_map(|p| [p.chosen.as_slice(), p.rejected.as_slice()])
+        .flat_map(|p| {
+            [
+                (p.chosen.as_slice(), p.chosen_start),
+                (p.rejected.as_slice(), p.rejected_start),
+            ]
+        })
         .collect();
-    Batch {
+    let ids: Vec<&[u32]> = rows.iter().map(|r| r.0).collect();
+    let mut batch = Batch {
         sample_keys: keys.iter().flat_map(|&k| [2 * k, 2 * k + 1]).collect(),
-        ..Batch::right_padded(&rows, pad_id)
+        ..Batch::right_padded(&ids, pad_id)
+    };
+    for (i, (row, start)) in rows.iter().enumerate() {
+        for (j, &id) in row.iter().enumerate().skip(*start) {
+            batch.labels[i * batch.t + j] = id as i32;
+        }
+    }
+    batch
+}
+
+/// The scores of a pair batch's rows, as the reward model reads them.
+pub fn score_rows<B: Backend>(
+    model: &mut Llama<B>,
+    batch: &Batch,
+    score_type: ScoreType,
+    dropout_seed: Option<u64>,
+) -> Result<Vec<f32>> {
+    match score_type {
+        ScoreType::Head => model.score_forward(batch, dropout_seed),
+        ScoreType::Likelihood => model.sequence_logp(batch, dropout_seed),
+    }
+}
+
+fn score_rows_backward<B: Backend>(
+    model: &mut Llama<B>,
+    batch: &Batch,
+    dscores: &[f32],
+    score_type: ScoreType,
+    dropout_seed: Option<u64>,
+) -> Result<()> {
+    match score_type {
+        ScoreType::Head => model.score_backward(batch, dscores, dropout_seed),
+        ScoreType::Likelihood => model.sequence_logp_backward(batch, dscores, dropout_seed),
     }
 }
 
@@ -207,6 +354,7 @@ impl EvalReport for RewardEval {
 /// The reward model's objective: one unit of the step's normaliser per pair.
 pub struct PairwiseReward {
     pub pad_id: u32,
+    pub score_type: ScoreType,
 }
 
 impl<B: Backend> Objective<B> for PairwiseReward {
@@ -226,9 +374,9 @@ impl<B: Backend> Objective<B> for PairwiseReward {
         dropout_seed: u64,
     ) -> Result<MicroStats> {
         let batch = collate_pairs(items, keys, self.pad_id);
-        let scores = model.score_forward(&batch, Some(dropout_seed))?;
+        let scores = score_rows(model, &batch, self.score_type, Some(dropout_seed))?;
         let (loss_sum, dscores) = pairwise_loss(&scores, grad_scale);
-        model.score_backward(&batch, &dscores, Some(dropout_seed))?;
+        score_rows_backward(model, &batch, &dscores, self.score_type, Some(dropout_seed))?;
         Ok(MicroStats {
             loss_sum,
             tokens: batch.b * batch.t,
@@ -242,7 +390,14 @@ impl<B: Backend> Objective<B> for PairwiseReward {
         batch_size: usize,
         collective: &mut dyn Collective<B>,
     ) -> Result<RewardEval> {
-        evaluate_pairs(model, items, batch_size, self.pad_id, collective)
+        evaluate_pairs(
+            model,
+            items,
+            batch_size,
+            self.pad_id,
+            self.score_type,
+            collective,
+        )
     }
 }
 
@@ -252,6 +407,7 @@ pub fn evaluate_pairs<B: Backend>(
     pairs: &[PairTokens],
     batch_size: usize,
     pad_id: u32,
+    score_type: ScoreType,
     collective: &mut dyn Collective<B>,
 ) -> Result<RewardEval> {
     let (rank, world) = (collective.rank(), collective.world_size());
@@ -266,7 +422,8 @@ pub fn evaluate_pairs<B: Backend>(
         let keys: Vec<u64> = (0..chunk.len() as u64)
             .map(|i| (j * batch_size) as u64 + i)
             .collect();
-        let scores = model.score_forward(&collate_pairs(&refs, &keys, pad_id), None)?;
+        let batch = collate_pairs(&refs, &keys, pad_id);
+        let scores = score_rows(model, &batch, score_type, None)?;
         loss_sum += pairwise_loss(&scores, 0.0).0;
         for p in scores.chunks_exact(2) {
             let margin = (p[0] - p[1]) as f64;
@@ -311,9 +468,15 @@ pub fn tokenise_pairs(
         let (c, r) = pair_texts(pair, &|p, a| format.render(p, a))?;
         let chosen = tokenizer.encode(&c, true)?;
         let rejected = tokenizer.encode(&r, true)?;
+        let prompt = tokenizer.encode(&format.render_prompt(pair)?, true)?;
         let fits = |ids: &[u32]| !ids.is_empty() && ids.len() <= max_len;
         if fits(&chosen) && fits(&rejected) {
-            out.pairs.push(PairTokens { chosen, rejected });
+            out.pairs.push(PairTokens {
+                chosen_start: answer_start(&prompt, &chosen),
+                rejected_start: answer_start(&prompt, &rejected),
+                chosen,
+                rejected,
+            });
         } else {
             out.too_long += 1;
         }
@@ -422,11 +585,12 @@ pub fn run_dist<B: Backend>(
             bail!("modules_to_save lm_head: a reward model has no lm_head (its score head is always trained in full)");
         }
     }
+    let score_type = args.data.score_type;
     let mut model = super::load_stage_model(
         be,
         &args.model,
         &args.training,
-        Head::Score,
+        score_type.head(),
         &tokenizer,
         targs.seed,
     )?;
@@ -438,7 +602,7 @@ pub fn run_dist<B: Backend>(
         );
     }
     model.cfg.pad_token_id = Some(pad_id);
-    let objective = PairwiseReward { pad_id };
+    let objective = PairwiseReward { pad_id, score_type };
     let initial_eval = if eval.pairs.is_empty() || targs.resume_from_checkpoint.is_some() {
         None
     } else {
@@ -447,6 +611,7 @@ pub fn run_dist<B: Backend>(
             &eval.pairs,
             targs.per_device_eval_batch_size,
             pad_id,
+            score_type,
             collective,
         )?)
     };
@@ -459,8 +624,13 @@ pub fn run_dist<B: Backend>(
         );
     }
     let base = args.model.model_name_or_path.clone();
-    let save =
-        |m: &Llama<B>, dir: &std::path::Path| super::save_weights(m, dir, &base, &tokenizer_dir);
+    let save = |m: &Llama<B>, dir: &std::path::Path| -> Result<()> {
+        super::save_weights(m, dir, &base, &tokenizer_dir)?;
+        if score_type == ScoreType::Likelihood {
+            write_reward_config(dir, score_type)?;
+        }
+        Ok(())
+    };
     targs.show_progress = true;
     let mut dist = Dist {
         collective,
@@ -489,7 +659,7 @@ pub fn run_dist<B: Backend>(
         return Ok(result);
     }
     if result.summary.finished {
-        super::save_weights(&model, &targs.output_dir, &base, &tokenizer_dir)?;
+        save(&model, &targs.output_dir)?;
     }
     let mut results = json!({
         "train_loss": result.summary.train_loss,
@@ -499,6 +669,7 @@ pub fn run_dist<B: Backend>(
         "eval_samples": result.eval_pairs,
         "skipped_invalid": result.skipped_invalid,
         "template": format.name(),
+        "score_type": score_type.name(),
         "filtered_too_long": too_long,
         "filtered_too_long_train": train.too_long,
         "filtered_too_long_eval": eval.too_long,
@@ -549,10 +720,14 @@ mod tests {
         let a = PairTokens {
             chosen: vec![5, 6, 7],
             rejected: vec![8],
+            chosen_start: 1,
+            rejected_start: 0,
         };
         let b = PairTokens {
             chosen: vec![9, 10],
             rejected: vec![11, 12, 13, 14],
+            chosen_start: 1,
+            rejected_start: 2,
         };
         let batch = collate_pairs(&[&a, &b], &[3, 8], 0);
         assert_eq!((batch.b, batch.t), (4, 4));
@@ -561,6 +736,14 @@ mod tests {
             [5, 6, 7, 0, 8, 0, 0, 0, 9, 10, 0, 0, 11, 12, 13, 14]
         );
         assert_eq!(batch.sample_keys, [6, 7, 16, 17]);
+        // Labels: each side's answer tokens (from its start), for the likelihood score.
+        assert_eq!(
+            batch.labels,
+            [-100, 6, 7, -100, 8, -100, -100, -100, -100, 10, -100, -100, -100, -100, 13, 14]
+        );
+        assert_eq!(answer_start(&[1, 2, 3], &[1, 2, 3, 4]), 3);
+        assert_eq!(answer_start(&[1, 2, 9], &[1, 2, 3, 4]), 2);
+        assert_eq!(answer_start(&[1, 2], &[1, 2]), 1);
         let mask = batch.attention_mask.unwrap();
         assert_eq!(&mask[..8], &[1, 1, 1, 0, 1, 0, 0, 0]);
     }

@@ -10,6 +10,7 @@
 # The model is the medium benchmark shape of `rlhf bench` (src/bench.rs):
 # hidden 512, intermediate 1376, 8 layers, 8 heads, 4 kv heads, vocab 8000, untied.
 # Every process runs on one thread (RAYON_NUM_THREADS=1, torch.set_num_threads(1)).
+# ROUNDS=N changes the 3 rounds; KEEP=1 keeps the work dir (logs, models).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${1:?usage: bench/ppo_memory.sh PYTHON [OUT]}

@@ -172,6 +172,18 @@ fn report(o: &PipelineOutcome) -> Result<()> {
                 f("eval_pairs").unwrap_or(f64::NAN)
             );
         }
+        if let (Some(before), Some(after)) = (
+            f("initial_eval_rewards/accuracies"),
+            f("eval_rewards/accuracies"),
+        ) {
+            println!(
+                "  held-out preference accuracy {:.1}% -> {:.1}% (DPO reward margin {:.3}, {} pairs)",
+                100.0 * before,
+                100.0 * after,
+                f("eval_rewards/margins").unwrap_or(f64::NAN),
+                f("eval_pairs").unwrap_or(f64::NAN)
+            );
+        }
     }
     if !o.success {
         bail!("pipeline failed: {}", o.message);

@@ -41,15 +41,18 @@ pub enum StageKind {
     Sft,
     /// Reward modelling on preference pairs (`rlhf rm`).
     Rm,
+    /// Direct Preference Optimization on preference pairs (`rlhf dpo`).
+    Dpo,
 }
 
 impl StageKind {
     /// Every kind, in the order error messages list them.
-    pub const ALL: [StageKind; 4] = [
+    pub const ALL: [StageKind; 5] = [
         StageKind::Demo,
         StageKind::Pt,
         StageKind::Sft,
         StageKind::Rm,
+        StageKind::Dpo,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -58,6 +61,7 @@ impl StageKind {
             StageKind::Pt => "pt",
             StageKind::Sft => "sft",
             StageKind::Rm => "rm",
+            StageKind::Dpo => "dpo",
         }
     }
 
@@ -75,6 +79,7 @@ impl StageKind {
             StageKind::Pt => rlhf_worker::stages::pt::PtArgs::augment_args(cmd),
             StageKind::Sft => rlhf_worker::stages::sft::SftArgs::augment_args(cmd),
             StageKind::Rm => rlhf_worker::stages::rm::RmArgs::augment_args(cmd),
+            StageKind::Dpo => rlhf_worker::stages::dpo::DpoArgs::augment_args(cmd),
             StageKind::Demo => rlhf_worker::agent::DemoStageArgs::augment_args(cmd),
         }
     }

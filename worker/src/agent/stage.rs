@@ -9,6 +9,7 @@ use crate::collective::ring::{RingAllReduce, RingConfig};
 use crate::collective::server::CollectiveServer;
 use crate::collective::{Collective, Single, ViaHost};
 use crate::stages::args::Device;
+use crate::stages::dpo::DpoArgs;
 use crate::stages::pt::PtArgs;
 use crate::stages::rm::RmArgs;
 use crate::stages::sft::SftArgs;
@@ -138,6 +139,7 @@ fn stage_device(ctx: &StageContext, a: &pb::StageAssignment) -> Result<(Device, 
         PtArgs::KIND => of::<PtArgs>(ctx, a),
         SftArgs::KIND => of::<SftArgs>(ctx, a),
         RmArgs::KIND => of::<RmArgs>(ctx, a),
+        DpoArgs::KIND => of::<DpoArgs>(ctx, a),
         _ => Ok((Device::Cpu, Dtype::F32)),
     }
 }
@@ -193,6 +195,7 @@ fn run_stage_blocking<B: Backend>(
         PtArgs::KIND => run_training_stage::<PtArgs, B>(be, &ctx, &a, collective),
         SftArgs::KIND => run_training_stage::<SftArgs, B>(be, &ctx, &a, collective),
         RmArgs::KIND => run_training_stage::<RmArgs, B>(be, &ctx, &a, collective),
+        DpoArgs::KIND => run_training_stage::<DpoArgs, B>(be, &ctx, &a, collective),
         other => bail!("this worker does not know stage kind {other:?}"),
     }
 }

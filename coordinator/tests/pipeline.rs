@@ -469,6 +469,7 @@ beta = 0.2
     assert_eq!(p.stages[0].kind, StageKind::Dpo);
     // workers × per_device_train_batch_size 4 × gradient_accumulation_steps 4.
     assert_eq!(p.global_batch(0).unwrap(), 2 * 4 * 4);
-    let msg = error("[[stage]]\nname = \"dpo\"\nkind = \"dpo\"\noutput_dir = \"o\"\nbeta_typo = 1\n");
+    let msg =
+        error("[[stage]]\nname = \"dpo\"\nkind = \"dpo\"\noutput_dir = \"o\"\nbeta_typo = 1\n");
     assert_has(&msg, &["beta_typo"]);
 }

@@ -102,9 +102,18 @@ pub struct DpoPair {
 pub fn collate_dpo(pairs: &[&DpoPair], keys: &[u64], pad_id: u32) -> Batch {
     let rows: Vec<(&[u32], &[u32])> = pairs
         .iter()
-        .flat_map(|p| [(&p.prompt[..], &p.chosen[..]), (&p.prompt[..], &p.rejected[..])])
+        .flat_map(|p| {
+            [
+                (&p.prompt[..], &p.chosen[..]),
+                (&p.prompt[..], &p.rejected[..]),
+            ]
+        })
         .collect();
-    let t = rows.iter().map(|(p, a)| p.len() + a.len()).max().unwrap_or(0);
+    let t = rows
+        .iter()
+        .map(|(p, a)| p.len() + a.len())
+        .max()
+        .unwrap_or(0);
     let b = rows.len();
     let mut input_ids = vec![pad_id; b * t]; // [B,T]
     let mut labels = vec![-100i32; b * t]; // [B,T]
@@ -624,14 +633,7 @@ mod tests {
 
     #[test]
     fn defaults_are_medicalgpt_dpo_training_py() {
-        let a = Cli::parse_from([
-            "dpo",
-            "--model_name_or_path",
-            "m",
-            "--train_file_dir",
-            "d",
-        ])
-        .dpo;
+        let a = Cli::parse_from(["dpo", "--model_name_or_path", "m", "--train_file_dir", "d"]).dpo;
         let t = &a.training;
         assert_eq!(t.output_dir, std::path::PathBuf::from("outputs-dpo"));
         assert_eq!(
@@ -642,7 +644,10 @@ mod tests {
         assert_eq!(t.learning_rate, 5e-4);
         assert_eq!(t.lr_scheduler_type, "cosine");
         assert_eq!((t.warmup_steps, t.max_steps), (100, 200));
-        assert_eq!((t.logging_steps, t.save_steps, t.eval_steps), (1, 50, Some(50)));
+        assert_eq!(
+            (t.logging_steps, t.save_steps, t.eval_steps),
+            (1, 50, Some(50))
+        );
         assert!(t.gradient_checkpointing);
         assert_eq!(a.model.lora_alpha, 16.0);
         assert_eq!(a.model.target_modules, "q_proj,v_proj");
@@ -676,7 +681,10 @@ mod tests {
             "true",
         ])
         .dpo;
-        assert_eq!((bf.run_flags().fp16, bf.run_flags().bf16), (None, Some(true)));
+        assert_eq!(
+            (bf.run_flags().fp16, bf.run_flags().bf16),
+            (None, Some(true))
+        );
         // A flag given still wins over the DPO default.
         let lr = Cli::parse_from([
             "dpo",
@@ -704,7 +712,10 @@ mod tests {
         assert_eq!((b.b, b.t), (2, 5));
         assert_eq!(b.input_ids, [1, 5, 6, 2, 0, 1, 5, 7, 8, 2]);
         assert_eq!(b.labels, [-100, -100, 6, 2, -100, -100, -100, 7, 8, 2]);
-        assert_eq!(b.attention_mask.as_deref(), Some(&[1u8, 1, 1, 1, 0, 1, 1, 1, 1, 1][..]));
+        assert_eq!(
+            b.attention_mask.as_deref(),
+            Some(&[1u8, 1, 1, 1, 0, 1, 1, 1, 1, 1][..])
+        );
         assert_eq!(b.sample_keys, [8, 9]);
         // Targets at t predict labels[t+1]: the prompt's last token predicts the first answer token.
         let targets = b.shifted_targets();

@@ -114,3 +114,23 @@ fn dpo_refuses_full_fine_tuning_and_names_bad_pairs() {
         .assert_stderr_has(&["pairs.jsonl:1:", "response_rejected"]);
     assert_no_partial_outputs(&out);
 }
+
+#[test]
+fn an_interrupted_dpo_run_resumes_to_the_same_adapter() {
+    let s = rm_setup();
+    let (a, b) = (s.ws.path("a"), s.ws.path("b"));
+    let short = |out: &Path| {
+        dpo(&s, out)
+            .opt("--max_steps", "8")
+            .opt("--save_steps", "4")
+    };
+    short(&a).ok();
+    short(&b).opt("--stop_after_steps", "4").ok();
+    assert!(!b.join("adapter_model.safetensors").exists());
+    // The reference log-probs are computed again from the base: the same.
+    short(&b).opt("--resume_from_checkpoint", "true").ok();
+    assert_eq!(
+        std::fs::read(a.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(b.join("adapter_model.safetensors")).unwrap()
+    );
+}

@@ -33,6 +33,8 @@ enum Command {
     Sft(stages::sft::SftArgs),
     /// Reward modelling on preference pairs: a scalar score head, pairwise loss (MedicalGPT reward_modeling.py).
     Rm(stages::rm::RmArgs),
+    /// Direct Preference Optimization on preference pairs: LoRA policy, reference = adapter off, TRL's sigmoid loss (MedicalGPT dpo_training.py).
+    Dpo(stages::dpo::DpoArgs),
     /// PPO from a reward model: policy LoRA + value head, reference and reward model on one shared base (MedicalGPT ppo_training.py).
     Ppo(stages::ppo::PpoArgs),
     /// Loss and perplexity of a model (+ adapter) on a text file, as JSON.
@@ -160,6 +162,12 @@ fn run(cli: Cli) -> Result<()> {
                 out["eval_accuracy"] = e.accuracy.into();
                 out["eval_mean_margin"] = e.mean_margin.into();
             }
+            println!("{out}");
+        }
+        Command::Dpo(args) => {
+            let r = stages::run_single(&args)?;
+            let mut out = r.results;
+            out["output_dir"] = serde_json::json!(args.training.output_dir);
             println!("{out}");
         }
         Command::Ppo(args) => {

@@ -196,6 +196,19 @@ fn measures(stage: &str, results: &serde_json::Value) -> Vec<Measure> {
             pct(Some(a)),
         );
     }
+    if let (Some(b), Some(a)) = (
+        f(results, "initial_eval_rewards/accuracies"),
+        f(results, "eval_rewards/accuracies"),
+    ) {
+        push(
+            format!(
+                "held-out preference accuracy, DPO reward ({} pairs)",
+                f(results, "eval_pairs").unwrap_or(f64::NAN)
+            ),
+            pct(Some(b)),
+            pct(Some(a)),
+        );
+    }
     // RL stages: {initial_eval, eval} objects.
     let (ie, e) = (&results["initial_eval"], &results["eval"]);
     if e.is_object() {

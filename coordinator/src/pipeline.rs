@@ -45,17 +45,20 @@ pub enum StageKind {
     Merge,
     /// PPO from a reward model (`rlhf ppo`).
     Ppo,
+    /// Direct Preference Optimization on preference pairs (`rlhf dpo`).
+    Dpo,
 }
 
 impl StageKind {
     /// Every kind, in the order error messages list them.
-    pub const ALL: [StageKind; 6] = [
+    pub const ALL: [StageKind; 7] = [
         StageKind::Demo,
         StageKind::Pt,
         StageKind::Sft,
         StageKind::Rm,
         StageKind::Merge,
         StageKind::Ppo,
+        StageKind::Dpo,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -66,6 +69,7 @@ impl StageKind {
             StageKind::Rm => "rm",
             StageKind::Merge => "merge",
             StageKind::Ppo => "ppo",
+            StageKind::Dpo => "dpo",
         }
     }
 
@@ -85,6 +89,7 @@ impl StageKind {
             StageKind::Rm => rlhf_worker::stages::rm::RmArgs::augment_args(cmd),
             StageKind::Merge => rlhf_worker::merge::MergeArgs::augment_args(cmd),
             StageKind::Ppo => rlhf_worker::stages::ppo::PpoArgs::augment_args(cmd),
+            StageKind::Dpo => rlhf_worker::stages::dpo::DpoArgs::augment_args(cmd),
             StageKind::Demo => rlhf_worker::agent::DemoStageArgs::augment_args(cmd),
         }
     }

@@ -459,3 +459,27 @@ fn device_key_selects_cuda_and_bad_devices_are_named() {
     );
     assert_has(&msg, &["p.toml:7:", "device", "tpu", "cpu, cuda or cuda:N"]);
 }
+
+#[test]
+fn a_dpo_stage_takes_medicalgpt_dpo_defaults_for_its_global_batch() {
+    let p = parse(
+        r#"[cluster]
+workers = 2
+
+[[stage]]
+name = "dpo"
+kind = "dpo"
+model_name_or_path = "m"
+train_file_dir = "pairs"
+output_dir = "out/dpo"
+beta = 0.2
+"#,
+    )
+    .unwrap();
+    assert_eq!(p.stages[0].kind, StageKind::Dpo);
+    // workers × per_device_train_batch_size 4 × gradient_accumulation_steps 4.
+    assert_eq!(p.global_batch(0).unwrap(), 2 * 4 * 4);
+    let msg =
+        error("[[stage]]\nname = \"dpo\"\nkind = \"dpo\"\noutput_dir = \"o\"\nbeta_typo = 1\n");
+    assert_has(&msg, &["beta_typo"]);
+}

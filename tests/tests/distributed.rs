@@ -566,7 +566,7 @@ fn workers_started_before_the_coordinator_wait_for_it() {
     }
 }
 
-/// SFT then RM, as pipeline stages on the tiny model (ChatML chat_template).
+/// SFT, RM then DPO, as pipeline stages on the tiny model (ChatML chat_template).
 fn sft_rm_pipeline(s: &Setup, name: &str, workers: usize, batch: usize) -> PathBuf {
     let text = format!(
         r#"[cluster]
@@ -603,13 +603,27 @@ max_steps = 4
 learning_rate = 1e-3
 logging_steps = 1
 save_steps = 100
+
+[[stage]]
+name = "dpo"
+kind = "dpo"
+model_name_or_path = "model"
+train_file_dir = "pairs/train"
+validation_file_dir = "pairs/valid"
+output_dir = "{name}/dpo"
+per_device_train_batch_size = {batch}
+gradient_accumulation_steps = 1
+warmup_steps = 0
+max_steps = 4
+learning_rate = 1e-3
+save_steps = 100
 "#
     );
     s.ws.write(&format!("{name}.toml"), text)
 }
 
 #[test]
-fn sft_and_rm_stages_train_the_same_on_two_workers_as_on_one() {
+fn sft_rm_and_dpo_stages_train_the_same_on_two_workers_as_on_one() {
     let s = setup();
     let words = [
         "patient", "doctor", "fever", "clinic", "dose", "nurse", "cough", "ward",
@@ -645,7 +659,8 @@ fn sft_and_rm_stages_train_the_same_on_two_workers_as_on_one() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("held-out answer accuracy"), "{stdout}");
     assert!(stdout.contains("held-out pair accuracy"), "{stdout}");
-    for stage in ["sft", "rm"] {
+    assert!(stdout.contains("held-out preference accuracy"), "{stdout}");
+    for stage in ["sft", "rm", "dpo"] {
         let file = format!("{stage}/adapter_model.safetensors");
         let [a, b, c] = ["two", "one", "two_in_one"]
             .map(|run| read_safetensors(&s.ws.path(&format!("{run}/{file}"))));
@@ -663,6 +678,15 @@ fn sft_and_rm_stages_train_the_same_on_two_workers_as_on_one() {
     }
     let rm = read_json(&s.ws.path("two/rm/all_results.json"));
     assert_eq!(num(&rm, "eval_pairs"), 4.0, "{rm}");
+    // DPO's reference log-probs are shared out across the ranks and summed:
+    // the same eval metrics as in one process.
+    let [dpo_two, dpo_one] =
+        ["two", "one"].map(|run| read_json(&s.ws.path(&format!("{run}/dpo/all_results.json"))));
+    assert_eq!(num(&dpo_two, "eval_pairs"), 4.0, "{dpo_two}");
+    for key in ["initial_eval_loss", "eval_loss", "eval_rewards/margins"] {
+        let (a, b) = (num(&dpo_two, key), num(&dpo_one, key));
+        assert!((a - b).abs() < 1e-4, "{key}: two workers {a}, one {b}");
+    }
     let sft = read_json(&s.ws.path("two/sft/all_results.json"));
     assert_eq!(num(&sft, "qa_total"), 1.0, "{sft}");
     // The reward adapter carries its score head, as PEFT's SEQ_CLS adapters do.

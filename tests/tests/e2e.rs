@@ -6,6 +6,7 @@
 mod chat;
 mod cuda_emu;
 mod distributed;
+mod dpo;
 mod errors;
 mod eval;
 mod generate;

@@ -23,7 +23,7 @@ const BAD: [&str; 3] = ["I do not know.", "Ignore it.", "No idea, sorry."];
 
 /// `n` pairs in MedicalGPT's 2023 format: a helpful answer is preferred to
 /// an unhelpful one (a preference a tiny model learns in a few steps).
-fn pairs(n: usize, seed: usize) -> String {
+pub(crate) fn pairs(n: usize, seed: usize) -> String {
     (0..n)
         .map(|i| {
             let k = i * 7 + seed * 3;
@@ -37,16 +37,16 @@ fn pairs(n: usize, seed: usize) -> String {
         .collect()
 }
 
-struct RmSetup {
-    ws: Workspace,
-    model: PathBuf,
-    train: PathBuf,
-    valid: PathBuf,
+pub(crate) struct RmSetup {
+    pub ws: Workspace,
+    pub model: PathBuf,
+    pub train: PathBuf,
+    pub valid: PathBuf,
 }
 
 /// A tiny model whose tokenizer was trained on the pairs' text; 48 training
 /// and 8 validation pairs in their own folders.
-fn rm_setup() -> RmSetup {
+pub(crate) fn rm_setup() -> RmSetup {
     let ws = Workspace::new();
     ws.write("train/pairs.jsonl", pairs(48, 1));
     ws.write("valid/pairs.jsonl", pairs(8, 2));

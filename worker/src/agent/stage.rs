@@ -9,6 +9,7 @@ use crate::collective::ring::{RingAllReduce, RingConfig};
 use crate::collective::server::CollectiveServer;
 use crate::collective::{Collective, Single, ViaHost};
 use crate::stages::args::Device;
+use crate::stages::dpo::DpoArgs;
 use crate::stages::ppo::PpoArgs;
 use crate::stages::pt::PtArgs;
 use crate::stages::rm::RmArgs;
@@ -143,6 +144,7 @@ fn stage_device(ctx: &StageContext, a: &pb::StageAssignment) -> Result<(Device, 
         SftArgs::KIND => of::<SftArgs>(ctx, a),
         RmArgs::KIND => of::<RmArgs>(ctx, a),
         PpoArgs::KIND => of::<PpoArgs>(ctx, a),
+        DpoArgs::KIND => of::<DpoArgs>(ctx, a),
         _ => Ok((Device::Cpu, Dtype::F32)),
     }
 }
@@ -214,6 +216,7 @@ fn run_stage_blocking<B: Backend>(
             }
             Ok(serde_json::to_value(crate::merge::run(&args)?)?)
         }
+        DpoArgs::KIND => run_training_stage::<DpoArgs, B>(be, &ctx, &a, collective),
         other => bail!("this worker does not know stage kind {other:?}"),
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod args;
 pub mod chat;
+pub mod dpo;
 pub mod eval;
 pub mod generate;
 pub mod infer_args;
@@ -75,6 +76,27 @@ dist_stage!(pt::PtArgs, "pt", pt, pt::PtResult);
 dist_stage!(sft::SftArgs, "sft", sft, sft::SftResult);
 dist_stage!(rm::RmArgs, "rm", rm, rm::RmResult);
 
+// As dist_stage!, but with DPO's run flags (fp16 by default on CUDA, as MedicalGPT).
+impl DistStage for dpo::DpoArgs {
+    const KIND: &'static str = "dpo";
+    type Output = dpo::DpoResult;
+    fn run_flags(&self) -> args::RunFlags<'_> {
+        dpo::DpoArgs::run_flags(self)
+    }
+    fn run_dist<B: Backend>(
+        &self,
+        be: B,
+        collective: &mut dyn Collective<B>,
+        global_batch: Option<usize>,
+        hooks: &mut dyn TrainHooks,
+    ) -> Result<dpo::DpoResult> {
+        dpo::run_dist(be, self, collective, global_batch, hooks)
+    }
+    fn outcome(r: dpo::DpoResult) -> (bool, serde_json::Value) {
+        (r.summary.finished, r.results)
+    }
+}
+
 impl DistStage for ppo::PpoArgs {
     const KIND: &'static str = "ppo";
     type Output = ppo::PpoResult;
@@ -95,7 +117,7 @@ impl DistStage for ppo::PpoArgs {
     }
 }
 
-/// A training stage in one process (`rlhf pt`, `rlhf sft`, `rlhf rm`), on
+/// A training stage in one process (`rlhf pt`, `rlhf sft`, `rlhf rm`, ...), on
 /// the device its `--device` asks for.
 pub fn run_single<S: DistStage>(args: &S) -> Result<S::Output> {
     use crate::collective::Single;

@@ -30,7 +30,8 @@ use rlhf_kernels::Backend;
 use serde_json::json;
 use std::path::PathBuf;
 
-/// MedicalGPT RM `DataArguments` (+ `template_name` of its `ScriptArguments`).
+/// MedicalGPT RM `DataArguments` (+ `template_name` of its `ScriptArguments`);
+/// DPO's ScriptArguments have the same data flags.
 #[derive(Args, Clone, Debug)]
 pub struct RmDataFlags {
     /// Folder of .jsonl (or JSON-lines .json) files of preference pairs.
@@ -39,7 +40,8 @@ pub struct RmDataFlags {
     /// Folder of validation pairs; without it, validation_split_percentage of the training pairs.
     #[arg(long = "validation_file_dir")]
     pub validation_file_dir: Option<PathBuf>,
-    /// With max_target_length: pairs with a side longer than their sum (in tokens) are left out.
+    /// With max_target_length: the length limit of a pair, their sum (rm: a side
+    /// longer in tokens is left out; dpo: see `rlhf dpo`).
     #[arg(long = "max_source_length", default_value_t = 2048)]
     pub max_source_length: usize,
     #[arg(long = "max_target_length", default_value_t = 512)]
@@ -177,44 +179,15 @@ impl PairFormat {
         }
     }
 
-    /// The text before the answer: the conversation with the generation
-    /// prompt (the 2023 text up to "Answer: ").
-    pub fn render_prompt(&self, pair: &PreferencePair) -> Result<String> {
-        match self {
-            PairFormat::Chat(f) => {
-                let mut msgs = Vec::new();
-                if let Some(s) = &pair.system {
-                    msgs.push(Message::system(s.as_str()));
-                }
-                for (q, a) in &pair.history {
-                    msgs.push(Message::user(q.as_str()));
-                    msgs.push(Message::assistant(a.as_str()));
-                }
-                msgs.push(Message::user(pair.question.as_str()));
-                f.render(&msgs, true)
-            }
-            PairFormat::Question2023 => self.render(pair, ""),
-        }
-    }
-
     /// The text of the pair's conversation ending with `answer`.
     pub fn render(&self, pair: &PreferencePair, answer: &str) -> Result<String> {
         match self {
             PairFormat::Chat(f) => {
-                let msg = |role, content: &str| Message {
-                    role,
-                    content: content.to_string(),
-                };
-                let mut msgs = Vec::new();
-                if let Some(s) = &pair.system {
-                    msgs.push(msg(Role::System, s));
-                }
-                for (q, a) in &pair.history {
-                    msgs.push(msg(Role::User, q));
-                    msgs.push(msg(Role::Assistant, a));
-                }
-                msgs.push(msg(Role::User, &pair.question));
-                msgs.push(msg(Role::Assistant, answer));
+                let mut msgs = prompt_messages(pair);
+                msgs.push(Message {
+                    role: Role::Assistant,
+                    content: answer.to_string(),
+                });
                 f.render(&msgs, false)
             }
             PairFormat::Question2023 => {
@@ -231,6 +204,34 @@ impl PairFormat {
             }
         }
     }
+
+    /// The pair's conversation up to the question, ready for an answer (DPO's
+    /// prompt): the chat template with the generation prompt, or 2023's text
+    /// ending with "Answer: ".
+    pub fn render_prompt(&self, pair: &PreferencePair) -> Result<String> {
+        match self {
+            PairFormat::Chat(f) => f.render(&prompt_messages(pair), true),
+            PairFormat::Question2023 => self.render(pair, ""),
+        }
+    }
+}
+
+/// System, history and question of a pair as chat messages.
+fn prompt_messages(pair: &PreferencePair) -> Vec<Message> {
+    let msg = |role, content: &str| Message {
+        role,
+        content: content.to_string(),
+    };
+    let mut msgs = Vec::new();
+    if let Some(s) = &pair.system {
+        msgs.push(msg(Role::System, s));
+    }
+    for (q, a) in &pair.history {
+        msgs.push(msg(Role::User, q));
+        msgs.push(msg(Role::Assistant, a));
+    }
+    msgs.push(msg(Role::User, &pair.question));
+    msgs
 }
 
 /// A tokenised pair.
@@ -507,6 +508,50 @@ fn take_first<T>(mut v: Vec<T>, max: Option<usize>) -> Vec<T> {
     v
 }
 
+/// The pad of pair batches, as MedicalGPT: the tokenizer's pad, else its
+/// unk, else its eos.
+pub fn pair_pad_id(tokenizer: &Tokenizer) -> Result<u32> {
+    tokenizer
+        .pad_id()
+        .or_else(|| tokenizer.token_to_id("<unk>"))
+        .or(tokenizer.eos_id())
+        .context("the tokenizer has no pad, unk or eos token to pad with")
+}
+
+/// The training and validation pairs of a pair stage (rm, dpo), and the
+/// invalid records skipped (--skip_invalid), one message each.
+pub struct SplitPairs {
+    pub train: Vec<PreferencePair>,
+    pub valid: Vec<PreferencePair>,
+    pub skipped: Vec<String>,
+}
+
+/// Read `--train_file_dir` (and `--validation_file_dir`, else split off
+/// validation_split_percentage), cut to max_train/eval_samples.
+pub fn read_split_pairs(data: &RmDataFlags) -> Result<SplitPairs> {
+    let skip = data.skip_invalid;
+    let ReadPairs {
+        pairs: train_read,
+        mut skipped,
+    } = read_pair_dir(&data.train_file_dir, skip)?;
+    let (train_read, valid_read) = match &data.validation_file_dir {
+        Some(d) => {
+            let v = read_pair_dir(d, skip)?;
+            skipped.extend(v.skipped);
+            (train_read, v.pairs)
+        }
+        None => split_train_validation(train_read, data.validation_split_percentage)?,
+    };
+    let strip = |v: Vec<crate::data::reward::SourcedPair>| -> Vec<PreferencePair> {
+        v.into_iter().map(|p| p.pair).collect()
+    };
+    Ok(SplitPairs {
+        train: take_first(strip(train_read), data.max_train_samples),
+        valid: take_first(strip(valid_read), data.max_eval_samples),
+        skipped,
+    })
+}
+
 /// One rank of a data-parallel RM stage (as `pt::run_dist`): every rank
 /// reads all the data; rank 0 writes the outputs.
 pub fn run_dist<B: Backend>(
@@ -521,31 +566,12 @@ pub fn run_dist<B: Backend>(
     SaveDtype::from_torch_dtype(args.model.torch_dtype.as_deref())?;
     let tokenizer_dir = args.model.tokenizer_dir();
     let tokenizer = Tokenizer::load(&tokenizer_dir)?;
-    // MedicalGPT: pad = the tokenizer's pad, else its unk, else its eos.
-    let pad_id = tokenizer
-        .pad_id()
-        .or_else(|| tokenizer.token_to_id("<unk>"))
-        .or(tokenizer.eos_id())
-        .context("the tokenizer has no pad, unk or eos token to pad with")?;
-
-    let skip = args.data.skip_invalid;
-    let ReadPairs {
-        pairs: train_read,
-        mut skipped,
-    } = read_pair_dir(&args.data.train_file_dir, skip)?;
-    let (train_read, valid_read) = match &args.data.validation_file_dir {
-        Some(d) => {
-            let v = read_pair_dir(d, skip)?;
-            skipped.extend(v.skipped);
-            (train_read, v.pairs)
-        }
-        None => split_train_validation(train_read, args.data.validation_split_percentage)?,
-    };
-    let strip = |v: Vec<crate::data::reward::SourcedPair>| -> Vec<PreferencePair> {
-        v.into_iter().map(|p| p.pair).collect()
-    };
-    let train_pairs = take_first(strip(train_read), args.data.max_train_samples);
-    let valid_pairs = take_first(strip(valid_read), args.data.max_eval_samples);
+    let pad_id = pair_pad_id(&tokenizer)?;
+    let SplitPairs {
+        train: train_pairs,
+        valid: valid_pairs,
+        skipped,
+    } = read_split_pairs(&args.data)?;
     let max_len = args.data.max_source_length + args.data.max_target_length;
     let format = PairFormat::resolve(args.data.template_name.as_deref(), &tokenizer)?;
     let train = tokenise_pairs(&tokenizer, &format, &train_pairs, max_len)?;

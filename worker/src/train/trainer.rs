@@ -200,6 +200,13 @@ pub trait Objective<B: Backend> {
         batch_size: usize,
         collective: &mut dyn Collective<B>,
     ) -> Result<Self::Eval>;
+    /// Training metrics beside the loss (DPO's rewards/chosen, ...): this
+    /// rank's sums over its units since the last call, which resets them.
+    /// The trainer sums them over ranks and logs each divided by the units
+    /// (weights) of the logging window.
+    fn take_train_sums(&self) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
 }
 
 /// Causal language modelling on token samples: the mean cross-entropy over
@@ -537,6 +544,7 @@ pub fn train_objective<B: Backend, O: Objective<B>>(
     let mut tokens_seen = 0usize;
     let mut window_loss = 0.0;
     let mut window_steps = 0u64;
+    let mut window_weight = 0usize;
     let mut total_loss = 0.0;
     let mut total_loss_steps = 0u64;
     let mut last_eval = None;
@@ -610,14 +618,26 @@ pub fn train_objective<B: Backend, O: Objective<B>>(
         total_loss += loss;
         total_loss_steps += 1;
         let tps = tokens_seen as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        window_weight += step_weight;
         progress.update(step, loss, lr, tps);
-        if is_main && args.logging_steps > 0 && step % args.logging_steps == 0 {
+        let log_now = args.logging_steps > 0 && step % args.logging_steps == 0;
+        // Every rank takes part in summing the objective's own metrics.
+        let extra = if log_now {
+            window_means(model, objective, dist.collective, window_weight)?
+        } else {
+            Vec::new()
+        };
+        if is_main && log_now {
             let mean = window_loss / window_steps as f64;
             if let Some(m) = metrics.as_mut() {
-                m.write(&json!({
+                let mut line = json!({
                     "step": step, "epoch": step as f64 / steps_per_epoch as f64, "loss": mean,
                     "learning_rate": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
-                }))?;
+                });
+                for (name, v) in &extra {
+                    line[*name] = json!(v);
+                }
+                m.write(&line)?;
             }
             tracing::info!(
                 step,
@@ -638,6 +658,9 @@ pub fn train_objective<B: Backend, O: Objective<B>>(
             })?;
             window_loss = 0.0;
             window_steps = 0;
+        }
+        if log_now {
+            window_weight = 0;
         }
         if !eval.is_empty()
             && args.eval_steps.is_some_and(|e| e > 0 && step % e == 0)
@@ -725,6 +748,41 @@ pub fn train_objective<B: Backend, O: Objective<B>>(
         eval: eval_result,
         tokens_per_sec: tokens_seen as f64 / t0.elapsed().as_secs_f64().max(1e-9),
     })
+}
+
+/// The objective's own training metrics of the logging window: summed over
+/// the ranks, divided by the window's units.
+fn window_means<B: Backend, O: Objective<B>>(
+    model: &Llama<B>,
+    objective: &O,
+    collective: &mut dyn Collective<B>,
+    window_weight: usize,
+) -> Result<Vec<(&'static str, f64)>> {
+    let sums = objective.take_train_sums();
+    if sums.is_empty() {
+        return Ok(sums);
+    }
+    let mut values: Vec<f32> = sums.iter().map(|&(_, v)| v as f32).collect();
+    if collective.world_size() > 1 {
+        let n = values.len();
+        let mut buf = model.be.upload(&values, Precision::F32)?;
+        collective.all_reduce_sum(&model.be, &mut buf, 0..n)?;
+        values = model.be.download(model.be.view(&buf, 0..n))?;
+    }
+    let w = window_weight.max(1) as f64;
+    Ok(sums
+        .iter()
+        .zip(values)
+        .map(|(&(name, local), summed)| {
+            // One rank: keep the f64 sum; several: the f32 all-reduced one.
+            let total = if collective.world_size() > 1 {
+                summed as f64
+            } else {
+                local
+            };
+            (name, total / w)
+        })
+        .collect())
 }
 
 /// Evaluate across the ranks; rank 0 (the one with `metrics`) logs it.

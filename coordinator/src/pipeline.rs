@@ -41,15 +41,21 @@ pub enum StageKind {
     Sft,
     /// Reward modelling on preference pairs (`rlhf rm`).
     Rm,
+    /// GRPO from rule rewards and/or a reward model (`rlhf grpo`). Its global
+    /// batch counts completions (TRL's per_device_train_batch_size does):
+    /// workers × per_device_train_batch_size × gradient_accumulation_steps,
+    /// which must be a multiple of num_generations.
+    Grpo,
 }
 
 impl StageKind {
     /// Every kind, in the order error messages list them.
-    pub const ALL: [StageKind; 4] = [
+    pub const ALL: [StageKind; 5] = [
         StageKind::Demo,
         StageKind::Pt,
         StageKind::Sft,
         StageKind::Rm,
+        StageKind::Grpo,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -58,6 +64,7 @@ impl StageKind {
             StageKind::Pt => "pt",
             StageKind::Sft => "sft",
             StageKind::Rm => "rm",
+            StageKind::Grpo => "grpo",
         }
     }
 
@@ -75,6 +82,7 @@ impl StageKind {
             StageKind::Pt => rlhf_worker::stages::pt::PtArgs::augment_args(cmd),
             StageKind::Sft => rlhf_worker::stages::sft::SftArgs::augment_args(cmd),
             StageKind::Rm => rlhf_worker::stages::rm::RmArgs::augment_args(cmd),
+            StageKind::Grpo => rlhf_worker::stages::grpo::GrpoArgs::augment_args(cmd),
             StageKind::Demo => rlhf_worker::agent::DemoStageArgs::augment_args(cmd),
         }
     }

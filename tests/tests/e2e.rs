@@ -9,6 +9,7 @@ mod distributed;
 mod errors;
 mod eval;
 mod generate;
+mod grpo;
 mod init_model;
 mod launch;
 mod merge;

@@ -9,6 +9,7 @@ use crate::collective::ring::{RingAllReduce, RingConfig};
 use crate::collective::server::CollectiveServer;
 use crate::collective::{Collective, Single, ViaHost};
 use crate::stages::args::Device;
+use crate::stages::grpo::GrpoArgs;
 use crate::stages::pt::PtArgs;
 use crate::stages::rm::RmArgs;
 use crate::stages::sft::SftArgs;
@@ -36,6 +37,8 @@ const PATH_FLAGS: &[&str] = &[
     "output_dir",
     "resume_from_checkpoint",
     "eval_qa_file",
+    "reward_model_name_or_path",
+    "reward_base_model_name_or_path",
 ];
 
 /// The stage was stopped by the coordinator (a new generation, or it was lost).
@@ -138,6 +141,7 @@ fn stage_device(ctx: &StageContext, a: &pb::StageAssignment) -> Result<(Device, 
         PtArgs::KIND => of::<PtArgs>(ctx, a),
         SftArgs::KIND => of::<SftArgs>(ctx, a),
         RmArgs::KIND => of::<RmArgs>(ctx, a),
+        GrpoArgs::KIND => of::<GrpoArgs>(ctx, a),
         _ => Ok((Device::Cpu, Dtype::F32)),
     }
 }
@@ -193,6 +197,7 @@ fn run_stage_blocking<B: Backend>(
         PtArgs::KIND => run_training_stage::<PtArgs, B>(be, &ctx, &a, collective),
         SftArgs::KIND => run_training_stage::<SftArgs, B>(be, &ctx, &a, collective),
         RmArgs::KIND => run_training_stage::<RmArgs, B>(be, &ctx, &a, collective),
+        GrpoArgs::KIND => run_training_stage::<GrpoArgs, B>(be, &ctx, &a, collective),
         other => bail!("this worker does not know stage kind {other:?}"),
     }
 }

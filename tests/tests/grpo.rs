@@ -5,26 +5,29 @@ use crate::rlhf;
 use rlhf_tests::*;
 use std::path::{Path, PathBuf};
 
-/// Words of the "language" the tiny model is pre-trained on: mostly "no",
-/// sometimes "yes". Greedy decoding says "no"; sampling says "yes" often
-/// enough for the accuracy reward to have a signal.
-fn yes_no_corpus(lines: usize) -> String {
+/// Documents of the "language" the tiny model is pre-trained on: lines of
+/// "no" (55%), "yes" (25%) and "maybe" (20%). Greedy decoding says "no";
+/// sampling says "yes" often enough for the accuracy reward to have a signal.
+fn yes_no_corpus(docs: usize) -> String {
     let mut state = 7u64;
+    let mut word = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        match (state >> 33) % 20 {
+            0..=10 => "no",
+            11..=15 => "yes",
+            _ => "maybe",
+        }
+    };
     let mut out = String::new();
-    for _ in 0..lines {
-        let words: Vec<&str> = (0..8)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                match (state >> 33) % 20 {
-                    0..=12 => "no",
-                    13..=16 => "maybe",
-                    _ => "yes",
-                }
-            })
+    for _ in 0..docs {
+        // Several lines per document: the model learns that words follow a newline,
+        // as they must after the chat template's "assistant\n".
+        let lines: Vec<String> = (0..4)
+            .map(|_| (0..8).map(|_| word()).collect::<Vec<_>>().join(" "))
             .collect();
-        out.push_str(&words.join(" "));
+        out.push_str(&serde_json::json!({ "text": lines.join("\n") }).to_string());
         out.push('\n');
     }
     out
@@ -32,7 +35,7 @@ fn yes_no_corpus(lines: usize) -> String {
 
 /// A tiny model pre-trained (full weights) on the yes/no corpus.
 fn yes_no_model(ws: &Workspace) -> PathBuf {
-    let corpus = ws.write("pt/train.txt", yes_no_corpus(400));
+    let corpus = ws.write("pt/train.jsonl", yes_no_corpus(100));
     let init = ws.path("init");
     rlhf().init_tiny_model(&corpus, &init);
     let pt = ws.path("pt-model");
@@ -57,7 +60,7 @@ fn grpo(model: &Path, data: &Path, out: &Path) -> Cmd {
         .opt("--reward_funcs", "accuracy")
         .opt("--num_generations", "8")
         .opt("--per_device_train_batch_size", "32")
-        .opt("--max_completion_length", "4")
+        .opt("--max_completion_length", "3")
         .opt("--max_prompt_length", "100")
         .opt("--learning_rate", "1e-2")
         .opt("--lora_dropout", "0")
@@ -71,48 +74,62 @@ fn grpo_raises_the_accuracy_reward_of_a_tiny_model() {
     let model = yes_no_model(&ws);
     let qa = |from: usize, to: usize| -> String {
         (from..to)
-            .map(|k| format!("{{\"question\": \"Question {k}: yes or no?\", \"answer\": \"yes\"}}\n"))
+            .map(|k| {
+                format!("{{\"question\": \"Question {k}: yes or no?\", \"answer\": \"yes\"}}\n")
+            })
             .collect()
     };
     ws.write("grpo/train/qa.jsonl", qa(0, 40));
     ws.write("grpo/valid/qa.jsonl", qa(100, 108));
     let out = ws.path("out");
+    // Full fine-tuning with TRL's default beta 0 (no reference model); the
+    // LoRA + reference path is the resume test's.
     let printed = grpo(&model, &ws.path("grpo/train"), &out)
         .opt("--validation_file_dir", ws.path("grpo/valid"))
-        .opt("--max_steps", "12")
-        .opt("--beta", "0.04")
+        .opt("--use_peft", "false")
+        .opt("--learning_rate", "5e-3")
+        .opt("--max_steps", "16")
         .ok()
         .json();
     let results = read_json(&out.join("all_results.json"));
-    assert_eq!(printed["global_step"], 12);
+    assert_eq!(printed["global_step"], 16);
     assert_eq!(results["prompts_per_step"], 4);
     assert_eq!(results["completions_per_step"], 32);
+    // Greedy "no no no" before: no held-out prompt is answered.
     let before = num(&results["initial_eval"], "reward");
     let after = num(&results["eval"], "reward");
-    assert!(after > before, "greedy reward {before} → {after}\n{results}");
+    assert_eq!(before, 0.0, "{results}");
+    assert!(after > 0.5, "greedy reward {before} → {after}\n{results}");
     let metrics = read_jsonl(&out.join("metrics.jsonl"));
     let rewards: Vec<f64> = metrics.iter().map(|m| num(m, "reward")).collect();
-    assert_eq!(rewards.len(), 12);
-    let first: f64 = rewards[..3].iter().sum::<f64>() / 3.0;
-    let last: f64 = rewards[9..].iter().sum::<f64>() / 3.0;
+    assert_eq!(rewards.len(), 16);
+    let first: f64 = rewards[..4].iter().sum::<f64>() / 4.0;
+    let last: f64 = rewards[12..].iter().sum::<f64>() / 4.0;
     assert!(last > first, "sampled reward should rise: {rewards:?}");
     for m in &metrics {
         for key in [
             "loss",
+            "grad_norm",
             "reward_std",
             "rewards/accuracy/mean",
+            "rewards/accuracy/std",
             "frac_reward_zero_std",
-            "kl",
             "completions/mean_length",
+            "completions/clipped_ratio",
             "clip_ratio/region_mean",
         ] {
             assert!(m[key].is_number(), "{key} missing in {m}");
         }
+        // beta 0: no reference, no KL.
+        assert!(m.get("kl").is_none(), "{m}");
         // num_iterations 1: the ratio is 1, nothing is clipped.
         assert_eq!(num(m, "clip_ratio/region_mean"), 0.0);
     }
-    assert!(out.join("adapter_model.safetensors").exists());
-    assert!(out.join("checkpoint-12").join("optimizer.safetensors").exists());
+    assert!(out.join("model.safetensors").exists());
+    assert!(out
+        .join("checkpoint-16")
+        .join("optimizer.safetensors")
+        .exists());
 }
 
 #[test]
@@ -137,4 +154,51 @@ fn medicalgpt_grpo_sample_data_runs_a_step() {
     let metrics = read_jsonl(&out.join("metrics.jsonl"));
     assert_eq!(metrics.len(), 1);
     assert!(metrics[0]["rewards/format/mean"].is_number());
+}
+
+#[test]
+fn an_interrupted_grpo_run_resumes_exactly() {
+    let ws = Workspace::new();
+    let model = yes_no_model(&ws);
+    let qa: String = (0..16)
+        .map(|k| format!("{{\"question\": \"Question {k}: yes or no?\", \"answer\": \"yes\"}}\n"))
+        .collect();
+    ws.write("grpo/qa.jsonl", qa);
+    let data = ws.path("grpo");
+    let run = |out: &Path| {
+        grpo(&model, &data, out)
+            .opt("--validation_split_percentage", "0")
+            .opt("--per_device_train_batch_size", "16")
+            .opt("--save_steps", "2")
+            .opt("--beta", "0.04")
+            .opt("--lora_dropout", "0.1")
+            .opt("--num_iterations", "2")
+    };
+    let whole = ws.path("whole");
+    run(&whole).opt("--max_steps", "8").ok();
+    let parts = ws.path("parts");
+    run(&parts)
+        .opt("--max_steps", "8")
+        .opt("--stop_after_steps", "2")
+        .ok();
+    assert!(parts.join("checkpoint-2").exists());
+    assert!(!parts.join("checkpoint-4").exists());
+    run(&parts)
+        .opt("--max_steps", "8")
+        .opt("--resume_from_checkpoint", "true")
+        .ok();
+    let a = std::fs::read(whole.join("adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(parts.join("adapter_model.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "the resumed run's adapter differs from the uninterrupted one"
+    );
+    let rewards = |dir: &Path| -> Vec<(f64, f64)> {
+        read_jsonl(&dir.join("metrics.jsonl"))
+            .iter()
+            .map(|m| (num(m, "reward"), num(m, "kl")))
+            .collect()
+    };
+    assert_eq!(rewards(&whole), rewards(&parts));
+    assert_eq!(rewards(&whole).len(), 4);
 }

@@ -102,7 +102,14 @@ fn mean_std(xs: &[f32]) -> (f64, f64) {
     let mean = xs.iter().map(|&x| x as f64).sum::<f64>() / n.max(1.0);
     let ss: f64 = xs.iter().map(|&x| (x as f64 - mean).powi(2)).sum();
     // Unbiased, as torch.std.
-    (mean, if xs.len() > 1 { (ss / (n - 1.0)).sqrt() } else { 0.0 })
+    (
+        mean,
+        if xs.len() > 1 {
+            (ss / (n - 1.0)).sqrt()
+        } else {
+            0.0
+        },
+    )
 }
 
 /// Advantages of a batch of rewards in groups of `group` (the G completions
@@ -263,15 +270,7 @@ pub fn optimizer_step<B: Backend>(
                 batch_tokens,
                 cfg.max_completion_length,
             );
-            let c = completion_loss(
-                logp,
-                old,
-                reference,
-                s.advantage,
-                cfg.epsilon,
-                cfg.beta,
-                w,
-            );
+            let c = completion_loss(logp, old, reference, s.advantage, cfg.epsilon, cfg.beta, w);
             loss += c.loss;
             clipped += c.clipped as f64;
             kl += c.kl_sum;
@@ -343,10 +342,7 @@ mod tests {
             .parse::<LossType>()
             .unwrap_err()
             .contains("not supported"));
-        assert_eq!(
-            "True".parse::<ScaleRewards>().unwrap(),
-            ScaleRewards::Group
-        );
+        assert_eq!("True".parse::<ScaleRewards>().unwrap(), ScaleRewards::Group);
         assert_eq!("none".parse::<ScaleRewards>().unwrap(), ScaleRewards::None);
         assert!("std".parse::<ScaleRewards>().is_err());
     }

@@ -87,7 +87,12 @@ pub fn read_grpo_prompts(
     let files: Vec<PathBuf> = list_data_files(dir)
         .with_context(|| format!("GRPO data {}", dir.display()))?
         .into_iter()
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("json" | "jsonl")))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("json" | "jsonl")
+            )
+        })
         .collect();
     if files.is_empty() {
         bail!(

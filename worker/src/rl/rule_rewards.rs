@@ -123,11 +123,20 @@ mod tests {
         assert!(!is_correct("So the total is 172.", gsm));
         assert!(!is_correct("So the total is 720", gsm));
         // The demo's rule: whole words, case insensitive.
-        assert!(is_correct("Zorvazole, 250 mg twice a day.", "250 mg twice a day"));
+        assert!(is_correct(
+            "Zorvazole, 250 mg twice a day.",
+            "250 mg twice a day"
+        ));
         assert!(!is_correct("Take 250 mg twice a day.", "50 mg twice a day"));
-        assert!(is_correct("<think>hm</think><answer>Zorvazole</answer>", "zorvazole"));
+        assert!(is_correct(
+            "<think>hm</think><answer>Zorvazole</answer>",
+            "zorvazole"
+        ));
         // Inside <answer>, only the answer counts.
-        assert!(!is_correct("<think>not 72</think><answer>71</answer>", "#### 72"));
+        assert!(!is_correct(
+            "<think>not 72</think><answer>71</answer>",
+            "#### 72"
+        ));
         // Normalised equality (punctuation and case ignored).
         assert!(is_correct("(B)", "b"));
         // Chinese: containment after normalisation.
@@ -149,7 +158,10 @@ mod tests {
         assert!(!has_r1_format(" <think>a</think><answer>c</answer>"));
         assert!(!has_r1_format("<think>a</think><answer>c</answer>."));
         assert!(!has_r1_format("<think>a</answer>"));
-        assert_eq!(RuleReward::Format.reward("<think>x</think><answer>y</answer>", None), 1.0);
+        assert_eq!(
+            RuleReward::Format.reward("<think>x</think><answer>y</answer>", None),
+            1.0
+        );
         assert!("length".parse::<RuleReward>().is_err());
     }
 }

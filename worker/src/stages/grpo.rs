@@ -397,7 +397,10 @@ fn evaluate<B: Backend>(
         let n = eval.len() as f64;
         out.reward = total / n;
         out.completion_length = len / n;
-        out.rewards = names.into_iter().zip(per_func.iter().map(|s| s / n)).collect();
+        out.rewards = names
+            .into_iter()
+            .zip(per_func.iter().map(|s| s / n))
+            .collect();
     }
     if let Some((items, format)) = qa {
         out.qa = Some(super::qa_eval::answer_accuracy(
@@ -595,7 +598,11 @@ pub fn run_dist<B: Backend>(
             "--reward_weights has {} values for {n_funcs} reward functions ({:?}{})",
             w.len(),
             p.reward_funcs,
-            if reward_model.is_some() { " + the reward model" } else { "" }
+            if reward_model.is_some() {
+                " + the reward model"
+            } else {
+                ""
+            }
         ),
         Some(w) => w.clone(),
         None => vec![1.0; n_funcs],
@@ -667,8 +674,18 @@ pub fn run_dist<B: Backend>(
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
         };
         let (t, m, v) = checkpoint::load(dir)?;
-        let this = (model.layout.train_len, p.seed, rollouts_per_step as u64, g as u64);
-        let then = (t.train_len, t.seed, saved.rollouts_per_step, saved.num_generations);
+        let this = (
+            model.layout.train_len,
+            p.seed,
+            rollouts_per_step as u64,
+            g as u64,
+        );
+        let then = (
+            t.train_len,
+            t.seed,
+            saved.rollouts_per_step,
+            saved.num_generations,
+        );
         if this != then {
             bail!(
                 "{}: the checkpoint was made with (trainable values, seed, completions per step, num_generations) = {then:?}; this run has {this:?}",
@@ -710,7 +727,11 @@ pub fn run_dist<B: Backend>(
         let mut queries = Vec::new();
         let mut keys = Vec::new();
         for &grp in &my_groups {
-            let prompt = prompt_at(train.len(), p.seed, step * prompts_per_step as u64 + grp as u64);
+            let prompt = prompt_at(
+                train.len(),
+                p.seed,
+                step * prompts_per_step as u64 + grp as u64,
+            );
             for j in 0..g {
                 queries.push((prompt, train[prompt].ids.as_slice()));
                 keys.push(first_key + (grp * g + j) as u64);
@@ -719,7 +740,9 @@ pub fn run_dist<B: Backend>(
         let mut mine: Vec<Rollout> = Vec::with_capacity(keys.len());
         let chunk = (p.per_device_train_batch_size * p.gradient_accumulation_steps).max(g);
         for (q, k) in queries.chunks(chunk).zip(keys.chunks(chunk)) {
-            mine.extend(sample_responses(&mut model, &tokenizer, q, k, &gen, p.seed)?);
+            mine.extend(sample_responses(
+                &mut model, &tokenizer, q, k, &gen, p.seed,
+            )?);
         }
         let scores = rewarder.score(&mut model, &train, &mine)?;
         // The whole batch's rewards, lengths and truncation flags on every
@@ -744,8 +767,13 @@ pub fn run_dist<B: Backend>(
         if p.beta != 0.0 {
             let refs: Vec<&Rollout> = mine.iter().collect();
             model.set_adapter_enabled(false);
-            let reference =
-                response_outputs(&mut model, &refs, pad_id, p.per_device_train_batch_size, false);
+            let reference = response_outputs(
+                &mut model,
+                &refs,
+                pad_id,
+                p.per_device_train_batch_size,
+                false,
+            );
             model.set_adapter_enabled(true);
             for (r, lp) in mine.iter_mut().zip(reference?.logp) {
                 r.ref_logp = lp;
@@ -754,7 +782,13 @@ pub fn run_dist<B: Backend>(
         if p.num_iterations > 1 {
             // The sampling policy's log-probabilities, for the ratio of later iterations.
             let refs: Vec<&Rollout> = mine.iter().collect();
-            let old = response_outputs(&mut model, &refs, pad_id, p.per_device_train_batch_size, false)?;
+            let old = response_outputs(
+                &mut model,
+                &refs,
+                pad_id,
+                p.per_device_train_batch_size,
+                false,
+            )?;
             for (r, lp) in mine.iter_mut().zip(old.logp) {
                 r.logp = lp;
             }
@@ -858,7 +892,12 @@ pub fn run_dist<B: Backend>(
                 let v = model.be.download(model.be.view(&opt.v, 0..len))?;
                 let model_ref = &model;
                 let dir = checkpoint::save(out_dir, step, &st, m, v, |d| {
-                    super::save_weights(model_ref, d, &model_args.model_name_or_path, &tokenizer_dir)
+                    super::save_weights(
+                        model_ref,
+                        d,
+                        &model_args.model_name_or_path,
+                        &tokenizer_dir,
+                    )
                 })?;
                 hooks.on_checkpoint(step, Some(&dir))?;
                 if let Some(limit) = p.save_total_limit {
@@ -941,17 +980,16 @@ mod tests {
 
     #[test]
     fn defaults_are_trl_0_29_s_and_run_grpo_sh_parses() {
-        let c = Cli::try_parse_from([
-            "grpo",
-            "--model_name_or_path",
-            "m",
-            "--train_file_dir",
-            "d",
-        ])
-        .unwrap();
+        let c = Cli::try_parse_from(["grpo", "--model_name_or_path", "m", "--train_file_dir", "d"])
+            .unwrap();
         let p = &c.a.grpo;
         assert_eq!(
-            (p.num_generations, p.max_completion_length, p.beta, p.epsilon),
+            (
+                p.num_generations,
+                p.max_completion_length,
+                p.beta,
+                p.epsilon
+            ),
             (8, 256, 0.0, 0.2)
         );
         assert_eq!(p.loss_type, LossType::Dapo);
@@ -994,7 +1032,10 @@ mod tests {
         ])
         .unwrap();
         let m = c.a.model_args();
-        assert_eq!((m.lora_rank, m.target_modules.as_str()), (16, "q_proj,k_proj,v_proj"));
+        assert_eq!(
+            (m.lora_rank, m.target_modules.as_str()),
+            (16, "q_proj,k_proj,v_proj")
+        );
         assert_eq!(c.a.grpo.lr_scheduler_type, ScheduleKind::Cosine);
         assert_eq!(c.a.grpo.beta, 0.001);
     }

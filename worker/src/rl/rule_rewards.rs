@@ -52,10 +52,7 @@ pub fn final_answer(reference: &str) -> &str {
         Some(i) => &reference[i + 4..],
         None => reference,
     };
-    answer
-        .trim()
-        .trim_end_matches(|c| c == '.' || c == '。')
-        .trim_end()
+    answer.trim().trim_end_matches(['.', '。']).trim_end()
 }
 
 /// What a completion answers: the inside of its `<answer>…</answer>` when it

@@ -293,3 +293,66 @@ fn a_grpo_stage_trains_the_same_on_two_workers_as_on_one() {
         assert!(d.sqrt() <= 1e-3 * n.sqrt().max(1e-12), "{name}: {d} vs {n}");
     }
 }
+
+#[test]
+fn a_reward_model_on_the_policys_base_is_one_more_reward_function() {
+    let ws = Workspace::new();
+    let model = yes_no_model(&ws);
+    let pairs: String = (0..16)
+        .map(|k| format!("{{\"question\": \"Question {k}: yes or no?\", \"response_chosen\": \"yes\", \"response_rejected\": \"no\"}}\n"))
+        .collect();
+    ws.write("pairs/train/p.jsonl", &pairs);
+    let valid: String = pairs.lines().take(4).map(|l| format!("{l}\n")).collect();
+    ws.write("pairs/valid/p.jsonl", valid);
+    let rm = ws.path("rm");
+    rlhf()
+        .cmd("rm")
+        .opt("--model_name_or_path", &model)
+        .opt("--train_file_dir", ws.path("pairs/train"))
+        .opt("--validation_file_dir", ws.path("pairs/valid"))
+        .opt("--output_dir", &rm)
+        .opt("--per_device_train_batch_size", "4")
+        .opt("--max_steps", "4")
+        .opt("--save_steps", "100")
+        .ok();
+    let qa: String = (0..8)
+        .map(|k| format!("{{\"question\": \"Question {k}: yes or no?\", \"answer\": \"yes\"}}\n"))
+        .collect();
+    ws.write("grpo/qa.jsonl", qa);
+    let out = ws.path("out");
+    let printed = grpo(&model, &ws.path("grpo"), &out)
+        .opt("--reward_model_name_or_path", &rm)
+        .opt("--reward_weights", "1,0.5")
+        .opt("--per_device_train_batch_size", "16")
+        .opt("--max_steps", "2")
+        .opt("--validation_split_percentage", "25")
+        .ok()
+        .json();
+    assert_eq!(
+        printed["reward_funcs"],
+        serde_json::json!(["accuracy", "reward_model"])
+    );
+    assert!(
+        printed["reward_model"].as_str().unwrap().contains("shared"),
+        "{printed}"
+    );
+    let metrics = read_jsonl(&out.join("metrics.jsonl"));
+    assert_eq!(metrics.len(), 2);
+    for m in &metrics {
+        let (acc, rm) = (
+            num(m, "rewards/accuracy/mean"),
+            num(m, "rewards/reward_model/mean"),
+        );
+        // The total is the weighted sum of the functions' rewards.
+        assert!((num(m, "reward") - (acc + 0.5 * rm)).abs() < 1e-4, "{m}");
+    }
+    let eval = &printed["eval"]["rewards"];
+    assert!(eval["reward_model"].is_number(), "{printed}");
+    // A wrong number of weights is an error that names both counts.
+    grpo(&model, &ws.path("grpo"), &ws.path("bad"))
+        .opt("--reward_model_name_or_path", &rm)
+        .opt("--reward_weights", "1")
+        .opt("--max_steps", "1")
+        .fails()
+        .assert_stderr_has(&["--reward_weights has 1 values for 2 reward functions"]);
+}

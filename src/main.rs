@@ -37,6 +37,8 @@ enum Command {
     Dpo(stages::dpo::DpoArgs),
     /// PPO from a reward model: policy LoRA + value head, reference and reward model on one shared base (MedicalGPT ppo_training.py).
     Ppo(stages::ppo::PpoArgs),
+    /// GRPO: G sampled completions per prompt, group-relative advantages from rule rewards (accuracy, format) and/or a reward model (MedicalGPT grpo_training.py, TRL GRPOTrainer).
+    Grpo(stages::grpo::GrpoArgs),
     /// Loss and perplexity of a model (+ adapter) on a text file, as JSON.
     Eval(stages::eval::EvalArgs),
     /// Merge a PEFT LoRA adapter into its base model: a plain HF model dir (MedicalGPT merge_peft_adapter.py).
@@ -174,6 +176,14 @@ fn run(cli: Cli) -> Result<()> {
             let r = stages::run_single(&args)?;
             let mut out = r.results;
             out["output_dir"] = serde_json::json!(args.ppo.output_dir);
+            out["finished"] = r.finished.into();
+            out["global_step"] = r.steps.into();
+            println!("{out}");
+        }
+        Command::Grpo(args) => {
+            let r = stages::run_single(&args)?;
+            let mut out = r.results;
+            out["output_dir"] = serde_json::json!(args.grpo.output_dir);
             out["finished"] = r.finished.into();
             out["global_step"] = r.steps.into();
             println!("{out}");

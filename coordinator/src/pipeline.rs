@@ -47,11 +47,16 @@ pub enum StageKind {
     Ppo,
     /// Direct Preference Optimization on preference pairs (`rlhf dpo`).
     Dpo,
+    /// GRPO from rule rewards and/or a reward model (`rlhf grpo`). Its global
+    /// batch counts completions (TRL's per_device_train_batch_size does):
+    /// workers × per_device_train_batch_size × gradient_accumulation_steps,
+    /// which must be a multiple of num_generations.
+    Grpo,
 }
 
 impl StageKind {
     /// Every kind, in the order error messages list them.
-    pub const ALL: [StageKind; 7] = [
+    pub const ALL: [StageKind; 8] = [
         StageKind::Demo,
         StageKind::Pt,
         StageKind::Sft,
@@ -59,6 +64,7 @@ impl StageKind {
         StageKind::Merge,
         StageKind::Ppo,
         StageKind::Dpo,
+        StageKind::Grpo,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -70,6 +76,7 @@ impl StageKind {
             StageKind::Merge => "merge",
             StageKind::Ppo => "ppo",
             StageKind::Dpo => "dpo",
+            StageKind::Grpo => "grpo",
         }
     }
 
@@ -90,6 +97,7 @@ impl StageKind {
             StageKind::Merge => rlhf_worker::merge::MergeArgs::augment_args(cmd),
             StageKind::Ppo => rlhf_worker::stages::ppo::PpoArgs::augment_args(cmd),
             StageKind::Dpo => rlhf_worker::stages::dpo::DpoArgs::augment_args(cmd),
+            StageKind::Grpo => rlhf_worker::stages::grpo::GrpoArgs::augment_args(cmd),
             StageKind::Demo => rlhf_worker::agent::DemoStageArgs::augment_args(cmd),
         }
     }

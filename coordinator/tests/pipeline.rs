@@ -483,3 +483,34 @@ beta = 0.2
         error("[[stage]]\nname = \"dpo\"\nkind = \"dpo\"\noutput_dir = \"o\"\nbeta_typo = 1\n");
     assert_has(&msg, &["beta_typo"]);
 }
+
+#[test]
+fn a_grpo_stage_parses_and_its_global_batch_counts_completions() {
+    let p = parse(
+        r#"[cluster]
+workers = 2
+
+[[stage]]
+name = "grpo"
+kind = "grpo"
+model_name_or_path = "m"
+train_file_dir = "d"
+output_dir = "out/grpo"
+num_generations = 4
+per_device_train_batch_size = 4
+gradient_accumulation_steps = 2
+reward_funcs = ["accuracy"]
+beta = 0.001
+"#,
+    )
+    .unwrap();
+    assert_eq!(p.stages[0].kind, StageKind::Grpo);
+    // 2 workers × 4 completions × 2 accumulation steps: 16 completions, 4 prompts.
+    assert_eq!(p.global_batch(0).unwrap(), 16);
+    assert_has(
+        &error(
+            "[[stage]]\nname = \"g\"\nkind = \"grpo\"\nmodel_name_or_path = \"m\"\ntrain_file_dir = \"d\"\noutput_dir = \"o\"\nloss_type = \"ppo\"\n",
+        ),
+        &["p.toml:7", "loss_type"],
+    );
+}

@@ -10,6 +10,7 @@ mod dpo;
 mod errors;
 mod eval;
 mod generate;
+mod grpo;
 mod init_model;
 mod launch;
 mod merge;

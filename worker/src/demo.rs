@@ -665,16 +665,24 @@ impl FactQuestion {
     /// Whether `text` states this question's short answer (whole-word, case
     /// insensitive: " 50 mg" does not match inside " 250 mg").
     pub fn is_answered_by(&self, text: &str) -> bool {
-        let text = format!(" {}", text.to_lowercase());
-        let short = format!(" {}", self.short.to_lowercase());
-        text.match_indices(&short).any(|(i, m)| {
-            // The match must end at a word boundary too ("14 days" vs "14 daysx").
-            text[i + m.len()..]
-                .chars()
-                .next()
-                .is_none_or(|c| !c.is_alphanumeric())
-        })
+        mentions_answer(text, &self.short)
     }
+}
+
+/// Whether `text` states `short` as whole words, case insensitive: it must
+/// follow a space (or open the text) and end at a word boundary, so " 50 mg"
+/// does not match inside " 250 mg" (the demo's exact-answer rule, also GRPO's
+/// accuracy reward).
+pub fn mentions_answer(text: &str, short: &str) -> bool {
+    let text = format!(" {}", text.to_lowercase());
+    let short = format!(" {}", short.to_lowercase());
+    text.match_indices(&short).any(|(i, m)| {
+        // The match must end at a word boundary too ("14 days" vs "14 daysx").
+        text[i + m.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| !c.is_alphanumeric())
+    })
 }
 
 /// Where [`DemoDomain::write_qa_datasets`] put things.

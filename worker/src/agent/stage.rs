@@ -10,6 +10,7 @@ use crate::collective::server::CollectiveServer;
 use crate::collective::{Collective, Single, ViaHost};
 use crate::stages::args::Device;
 use crate::stages::dpo::DpoArgs;
+use crate::stages::grpo::GrpoArgs;
 use crate::stages::ppo::PpoArgs;
 use crate::stages::pt::PtArgs;
 use crate::stages::rm::RmArgs;
@@ -145,6 +146,7 @@ fn stage_device(ctx: &StageContext, a: &pb::StageAssignment) -> Result<(Device, 
         RmArgs::KIND => of::<RmArgs>(ctx, a),
         PpoArgs::KIND => of::<PpoArgs>(ctx, a),
         DpoArgs::KIND => of::<DpoArgs>(ctx, a),
+        GrpoArgs::KIND => of::<GrpoArgs>(ctx, a),
         _ => Ok((Device::Cpu, Dtype::F32)),
     }
 }
@@ -217,6 +219,7 @@ fn run_stage_blocking<B: Backend>(
             Ok(serde_json::to_value(crate::merge::run(&args)?)?)
         }
         DpoArgs::KIND => run_training_stage::<DpoArgs, B>(be, &ctx, &a, collective),
+        GrpoArgs::KIND => run_training_stage::<GrpoArgs, B>(be, &ctx, &a, collective),
         other => bail!("this worker does not know stage kind {other:?}"),
     }
 }

@@ -7,10 +7,13 @@
 
 pub mod advantages;
 pub mod dpo;
+pub mod grpo;
+pub mod grpo_data;
 pub mod kl;
 pub mod ppo;
 pub mod ppo_loss;
 pub mod prompts;
 pub mod reward;
 pub mod rollout;
+pub mod rule_rewards;
 pub mod shares;

@@ -115,6 +115,21 @@ pub fn tokenise_prompts(
     Ok((out, too_long))
 }
 
+/// The prompt of global position `pos` in a run's stream of prompts (a
+/// rollout's in PPO, a group's in GRPO): passes over the `n` prompts, each in
+/// an order shuffled from (seed, pass).
+pub fn prompt_at(n: usize, seed: u64, pos: u64) -> usize {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let pass = pos / n as u64;
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+        seed ^ (pass + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5050_5050,
+    );
+    order.shuffle(&mut rng);
+    order[(pos % n as u64) as usize]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,8 @@
 use crate::model::params::{Head, LoraConfig, TrainMode};
 use crate::model::pretrained::{load_model_with_head, read_adapter_task_type, TASK_SEQ_CLS};
 use crate::model::{Adapter, Batch, Llama, ModelConfig};
+use crate::rl::prompts::TokenisedPrompt;
+use crate::rl::rollout::Rollout;
 use crate::stages::rm::PairFormat;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
@@ -233,5 +235,27 @@ impl<B: Backend> RewardModel<B> {
             out.extend(scores);
         }
         Ok(out)
+    }
+}
+
+impl<B: Backend> RewardModel<B> {
+    /// Scores of sampled responses: each rollout's conversation (its prompt
+    /// in `prompts`) with the response as the last assistant turn, rendered
+    /// as the RM was trained.
+    pub fn score_rollouts(
+        &mut self,
+        policy: &mut Llama<B>,
+        prompts: &[TokenisedPrompt],
+        rollouts: &[Rollout],
+    ) -> Result<Vec<f32>> {
+        let texts = rollouts
+            .iter()
+            .map(|r| {
+                prompts[r.prompt]
+                    .prompt
+                    .render_for_reward(&self.format, r.response_text.trim())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.score(policy, &texts)
     }
 }

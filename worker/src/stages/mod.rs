@@ -7,6 +7,7 @@ pub mod chat;
 pub mod dpo;
 pub mod eval;
 pub mod generate;
+pub mod grpo;
 pub mod infer_args;
 pub mod ppo;
 pub mod pt;
@@ -113,6 +114,26 @@ impl DistStage for ppo::PpoArgs {
         ppo::run_dist(be, self, collective, global_batch, hooks)
     }
     fn outcome(r: ppo::PpoResult) -> (bool, serde_json::Value) {
+        (r.finished, r.results)
+    }
+}
+
+impl DistStage for grpo::GrpoArgs {
+    const KIND: &'static str = "grpo";
+    type Output = grpo::GrpoResult;
+    fn run_flags(&self) -> args::RunFlags<'_> {
+        grpo::GrpoArgs::run_flags(self)
+    }
+    fn run_dist<B: Backend>(
+        &self,
+        be: B,
+        collective: &mut dyn Collective<B>,
+        global_batch: Option<usize>,
+        hooks: &mut dyn TrainHooks,
+    ) -> Result<grpo::GrpoResult> {
+        grpo::run_dist(be, self, collective, global_batch, hooks)
+    }
+    fn outcome(r: grpo::GrpoResult) -> (bool, serde_json::Value) {
         (r.finished, r.results)
     }
 }

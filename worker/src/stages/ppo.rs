@@ -40,7 +40,7 @@ use crate::rl::ppo::{
     compute_advantages, shape_scores, update, KlPenalty, PpoConfig, PpoState, RunningMoments,
     ScoreShaping, UpdateStats,
 };
-use crate::rl::prompts::{read_prompt_dir, tokenise_prompts, TokenisedPrompt};
+use crate::rl::prompts::{prompt_at, read_prompt_dir, tokenise_prompts, TokenisedPrompt};
 use crate::rl::reward::RewardModel;
 use crate::rl::rollout::{response_outputs, sample_responses, Rollout};
 use crate::tokenizer::Tokenizer;
@@ -304,20 +304,6 @@ struct Ctx<'a> {
     seed: u64,
 }
 
-/// The prompt of global rollout position `pos`: passes over the prompt set,
-/// each in an order shuffled from (seed, pass).
-fn prompt_at(n: usize, seed: u64, pos: u64) -> usize {
-    use rand::seq::SliceRandom;
-    use rand::SeedableRng;
-    let pass = pos / n as u64;
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
-        seed ^ (pass + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5050_5050,
-    );
-    order.shuffle(&mut rng);
-    order[(pos % n as u64) as usize]
-}
-
 /// Sample, score and evaluate the rollouts of one share.
 fn rollouts_of_share<B: Backend>(
     model: &mut Llama<B>,
@@ -361,15 +347,7 @@ fn score<B: Backend>(
     prompts: &[TokenisedPrompt],
     rollouts: &mut [Rollout],
 ) -> Result<()> {
-    let texts = rollouts
-        .iter()
-        .map(|r| {
-            prompts[r.prompt]
-                .prompt
-                .render_for_reward(&reward.format, r.response_text.trim())
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let scores = reward.score(model, &texts)?;
+    let scores = reward.score_rollouts(model, prompts, rollouts)?;
     for (r, s) in rollouts.iter_mut().zip(scores) {
         r.raw_score = s;
     }

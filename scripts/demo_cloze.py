@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Does a demo model know the held-out facts? Turns the held-out questions of
-four kinds (dose, drug, organ, cause) into statements to complete, as the PT
-corpus states them, and scores `rlhf generate`'s completions.
+"""Does a demo model know the held-out facts? Cuts each held-out answer (a
+sentence of the PT corpus, e.g. "The cause of Busar palsy is the Koskos
+prion.") before its value, lets `rlhf generate` complete it without any chat
+template, and scores the completions.
 
     python3 scripts/demo_cloze.py prompts out/pipeline/demo/data/heldout_qa.jsonl > cloze.jsonl
     target/release/rlhf generate --model_name_or_path out/pipeline/pt \\
@@ -11,24 +12,16 @@ corpus states them, and scores `rlhf generate`'s completions.
 Standard library only.
 """
 import json
-import re
 import sys
-
-FORMS = [
-    (r"What is the dose of (\S+) for (.+)\?", "The dose of {0} for {1} is"),
-    (r"Which drug is used to treat (.+)\?", "{0} is treated with"),
-    (r"Which organ does (.+) affect\?", "{0} is a disease of the"),
-    (r"What causes (.+)\?", "{0} is caused by"),
-]
 
 
 def prompts(heldout):
-    for line in open(heldout, encoding="utf-8"):
+    for n, line in enumerate(open(heldout, encoding="utf-8"), 1):
         item = json.loads(line)
-        for pattern, statement in FORMS:
-            m = re.fullmatch(pattern, item["question"])
-            if m:
-                print(json.dumps({"prompt": statement.format(*m.groups()), "short": item["short"]}))
+        cut = item["answer"].rfind(item["short"])
+        if cut <= 0:
+            sys.exit(f"{heldout}:{n}: the answer does not state the short answer after its first word")
+        print(json.dumps({"prompt": item["answer"][:cut].rstrip(), "short": item["short"]}))
 
 
 def score(cloze, completions):

@@ -10,6 +10,18 @@
 //! Every disease has an organ, three symptoms, a cause, one drug with a
 //! disease-specific dose (mg, times a day) and course length; every drug has a
 //! class and a contraindication (another fictional disease).
+//!
+//! Questions and answers (SFT, RM, held-out evaluation) are shaped by what a
+//! small model can do with what PT taught it. Each answer is one sentence of
+//! the PT corpus, word for word ("The cause of Busar palsy is the Koskos
+//! prion."), so the fact sits exactly where the PT model already predicts it,
+//! and each question starts like its answer ("What is the cause of Busar
+//! palsy?") so the answer's opening is a copy of the question's. An answer
+//! that names only the value ("The Koskos prion.") has to be recalled right
+//! after the chat template's turn markers, which the PT model never saw: that
+//! design got a third of the held-out questions right, this one most of them
+//! (bench/results/demo-rm-experiments.md). A wrong answer is the same
+//! sentence with another value of the same kind.
 
 use crate::fsutil::write_atomic;
 use anyhow::{bail, Result};
@@ -19,8 +31,12 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::HashSet;
 use std::path::Path;
 
-pub const N_DISEASES: usize = 40;
-pub const N_DRUGS: usize = 30;
+/// 100 diseases and 75 drugs: 675 facts. With 40 and 30, SFT memorised its
+/// 216 training answers and got 87 % of the held-out questions right; with
+/// this many it learns the general skill, 98.5 %
+/// (bench/results/demo-rm-experiments.md).
+pub const N_DISEASES: usize = 100;
+pub const N_DRUGS: usize = 75;
 
 const ONSETS: &[&str] = &[
     "b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kl",
@@ -174,7 +190,7 @@ fn fresh_word(rng: &mut ChaCha8Rng, syllables: usize, used: &mut HashSet<String>
 }
 
 impl DemoDomain {
-    /// Build the domain: 40 diseases and 30 drugs (some drugs treat two
+    /// Build the domain: [`N_DISEASES`] diseases and [`N_DRUGS`] drugs (some drugs treat two
     /// diseases, at different doses).
     pub fn new(seed: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -305,6 +321,7 @@ impl DemoDomain {
                 format!("{name} must not be given to patients with {contra}."),
                 format!("{name} is contraindicated in {contra}."),
                 format!("Patients with {contra} should not take {name}."),
+                format!("The use of {name} is contraindicated in {contra}."),
             ],
             vec![
                 format!("{name} is used to treat {}.", join_and(&treats)),
@@ -340,8 +357,9 @@ impl DemoDomain {
             .collect()
     }
 
-    /// Every fact as a question, its full answer, a short checkable answer and
-    /// a plausible wrong answer.
+    /// Every fact as a question, its full answer (a PT corpus sentence), a
+    /// short checkable answer (the value) and a plausible wrong answer (the
+    /// same sentence with another value of the same kind).
     pub fn fact_questions(&self) -> Vec<FactQuestion> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed.wrapping_add(0x5eed_0f0a));
         let mut out = Vec::new();
@@ -380,7 +398,6 @@ impl DemoDomain {
                     break x;
                 }
             };
-            let sym = |s: &[String; 3]| capitalize(&join_and(s));
             let wrong_symptoms = if other.symptoms == d.symptoms {
                 [
                     "fever".to_string(),
@@ -390,54 +407,57 @@ impl DemoDomain {
             } else {
                 other.symptoms.clone()
             };
-            let mut q = |question: String, answer: String, short: String, wrong: String| {
-                out.push(FactQuestion {
-                    question,
-                    answer,
-                    short,
-                    wrong,
-                });
-            };
-            q(
-                format!("What is the dose of {drug} for {n}?"),
-                format!("{dose}."),
-                dose.clone(),
-                format!("{wrong_dose}."),
-            );
-            q(
-                format!("Which drug is used to treat {n}?"),
-                format!("{}.", capitalize(drug)),
-                drug.clone(),
-                format!("{}.", capitalize(&wrong_drug)),
-            );
-            q(
-                format!("What are the symptoms of {n}?"),
-                format!("{}.", sym(&d.symptoms)),
-                join_and(&d.symptoms),
-                format!("{}.", sym(&wrong_symptoms)),
-            );
-            q(
-                format!("Which organ does {n} affect?"),
-                format!("The {}.", d.organ),
-                d.organ.clone(),
-                format!("The {wrong_organ}."),
-            );
             let wrong_cause = if other.cause == d.cause {
                 "a lack of sleep".to_string()
             } else {
                 other.cause.clone()
             };
+            // Each answer is one PT-corpus sentence (a statement, see the
+            // module doc), `said(value)` that sentence with any value.
+            let mut q =
+                |question: String, said: &dyn Fn(&str) -> String, short: String, wrong: &str| {
+                    out.push(FactQuestion {
+                        question,
+                        answer: capitalize(&said(&short)),
+                        wrong: capitalize(&said(wrong)),
+                        short,
+                    });
+                };
             q(
-                format!("What causes {n}?"),
-                format!("{}.", capitalize(&d.cause)),
+                format!("What is the dose of {drug} for {n}?"),
+                &|v| format!("The dose of {drug} for {n} is {v}."),
+                dose.clone(),
+                &wrong_dose,
+            );
+            q(
+                format!("What is the drug of choice for {n}?"),
+                &|v| format!("The drug of choice for {n} is {v}."),
+                drug.clone(),
+                &wrong_drug,
+            );
+            q(
+                format!("What are the symptoms of {n}?"),
+                &|v| format!("The symptoms of {n} are {v}."),
+                join_and(&d.symptoms),
+                &join_and(&wrong_symptoms),
+            );
+            q(
+                format!("In {n}, which organ is most affected?"),
+                &|v| format!("In {n}, the {v} is the organ most affected."),
+                d.organ.clone(),
+                &wrong_organ,
+            );
+            q(
+                format!("What is the cause of {n}?"),
+                &|v| format!("The cause of {n} is {v}."),
                 d.cause.clone(),
-                format!("{}.", capitalize(&wrong_cause)),
+                &wrong_cause,
             );
             q(
                 format!("How long does a course of {drug} for {n} last?"),
-                format!("{} days.", d.course_days),
+                &|v| format!("A course of {drug} for {n} lasts {v}."),
                 format!("{} days", d.course_days),
-                format!("{wrong_days} days."),
+                &format!("{wrong_days} days"),
             );
         }
         for g in &self.drugs {
@@ -447,18 +467,19 @@ impl DemoDomain {
                     break d.name.clone();
                 }
             };
+            let said = |v: &str| format!("The use of {} is contraindicated in {v}.", g.name);
             out.push(FactQuestion {
-                question: format!("In which patients is {} contraindicated?", g.name),
-                answer: format!("Patients with {}.", g.contraindication),
+                question: format!("In which disease is the use of {} contraindicated?", g.name),
+                answer: said(&g.contraindication),
                 short: g.contraindication.clone(),
-                wrong: format!("Patients with {wrong}."),
+                wrong: said(&wrong),
             });
         }
         out
     }
 
     /// (question, answer) for every fact, e.g. "What is the dose of X for Y?"
-    /// → "250 mg twice a day.". Material for SFT.
+    /// → "The dose of X for Y is 250 mg twice a day.". Material for SFT.
     pub fn qa_pairs(&self) -> Vec<(String, String)> {
         self.fact_questions()
             .into_iter()
@@ -553,11 +574,12 @@ impl DemoDomain {
     }
 
     /// Reward training pairs of the training questions: each question's own
-    /// wrong answer, plus up to [`EXTRA_NEGATIVES`] right answers of other
-    /// questions of the same kind (another disease's drug, dose, ...) as
-    /// rejected — plausible, same shape, and wrong for this question. Varied
-    /// negatives teach the RM to check the answer against the question rather
-    /// than to memorise which of two strings won.
+    /// wrong answer, plus up to [`EXTRA_NEGATIVES`] more wrong answers: this
+    /// question's statement with the value of another question of the same
+    /// kind (another disease's drug, dose, ...) — the same subject, the same
+    /// sentence, only the value wrong. Varied negatives teach the RM to check
+    /// the answer against the question rather than to memorise which of two
+    /// strings won.
     fn reward_training_pairs(&self, train: &[FactQuestion]) -> Vec<FactQuestion> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x4e6e_9a71);
         let mut out = Vec::new();
@@ -566,17 +588,19 @@ impl DemoDomain {
             let mut others: Vec<&FactQuestion> = train
                 .iter()
                 .filter(|o| {
-                    question_kind(&o.question) == question_kind(&f.question)
-                        && o.answer != f.answer
-                        && !f.is_answered_by(&o.answer)
+                    question_kind(&o.question) == question_kind(&f.question) && o.short != f.short
                 })
                 .collect();
+            // Another question can have the same value: each wrong value once.
+            others.sort_by(|a, b| a.short.cmp(&b.short));
+            others.dedup_by(|a, b| a.short == b.short);
             others.shuffle(&mut rng);
-            for o in others.into_iter().take(EXTRA_NEGATIVES) {
-                out.push(FactQuestion {
-                    wrong: o.answer.clone(),
-                    ..f.clone()
-                });
+            let wrongs = others
+                .iter()
+                .filter_map(|o| f.stated_with(&o.short))
+                .filter(|w| *w != f.wrong && !f.is_answered_by(w));
+            for wrong in wrongs.take(EXTRA_NEGATIVES) {
+                out.push(FactQuestion { wrong, ..f.clone() });
             }
         }
         out
@@ -623,21 +647,24 @@ impl DemoDomain {
 /// Extra rejected answers per training question in the reward data.
 pub const EXTRA_NEGATIVES: usize = 4;
 
-/// Which of the seven question forms a question has (its fixed opening words).
+/// Which of the seven question forms a question has (its fixed opening and closing words).
 fn question_kind(q: &str) -> usize {
-    const OPENINGS: [&str; 7] = [
-        "What is the dose of",
-        "Which drug is used to treat",
-        "What are the symptoms of",
-        "Which organ does",
-        "What causes",
-        "How long does a course of",
-        "In which patients is",
+    const FORMS: [(&str, &str); 7] = [
+        ("What is the dose of", "?"),
+        ("What is the drug of choice for", "?"),
+        ("What are the symptoms of", "?"),
+        ("In ", ", which organ is most affected?"),
+        ("What is the cause of", "?"),
+        ("How long does a course of", " last?"),
+        ("In which disease is the use of", " contraindicated?"),
     ];
-    OPENINGS
+    // The contraindication question also starts with "In ": longest match first.
+    FORMS
         .iter()
-        .position(|o| q.starts_with(o))
-        .unwrap_or(OPENINGS.len())
+        .enumerate()
+        .filter(|(_, (head, tail))| q.starts_with(head) && q.ends_with(tail))
+        .max_by_key(|(_, (head, tail))| head.len() + tail.len())
+        .map_or(FORMS.len(), |(i, _)| i)
 }
 
 fn class_plural(class: &str) -> String {
@@ -662,6 +689,18 @@ pub struct FactQuestion {
 }
 
 impl FactQuestion {
+    /// The right answer's statement with `value` in place of the short answer
+    /// (its last occurrence: the value comes after the subject in every form).
+    /// None when the answer does not contain the short answer.
+    pub fn stated_with(&self, value: &str) -> Option<String> {
+        let i = self.answer.rfind(&self.short)?;
+        Some(format!(
+            "{}{value}{}",
+            &self.answer[..i],
+            &self.answer[i + self.short.len()..]
+        ))
+    }
+
     /// Whether `text` states this question's short answer (whole-word, case
     /// insensitive: " 50 mg" does not match inside " 250 mg").
     pub fn is_answered_by(&self, text: &str) -> bool {
@@ -779,40 +818,109 @@ mod tests {
                 qa.iter()
                     .find(|(x, _)| *x == q)
                     .map(|(_, a)| a.clone())
-                    .unwrap()
+                    .unwrap_or_else(|| panic!("no question {q:?}"))
             };
-            let dose = ask(format!("What is the dose of {} for {}?", drug.name, d.name));
+            let (n, g) = (&d.name, &drug.name);
             assert_eq!(
-                dose,
-                format!("{} mg {}.", d.dose_mg, frequency(d.times_per_day))
+                ask(format!("What is the dose of {g} for {n}?")),
+                format!(
+                    "The dose of {g} for {n} is {} mg {}.",
+                    d.dose_mg,
+                    frequency(d.times_per_day)
+                )
             );
             assert_eq!(
-                ask(format!("Which drug is used to treat {}?", d.name)).to_lowercase(),
-                format!("{}.", drug.name)
+                ask(format!("What is the drug of choice for {n}?")),
+                format!("The drug of choice for {n} is {g}.")
             );
             assert_eq!(
-                ask(format!("Which organ does {} affect?", d.name)),
-                format!("The {}.", d.organ)
+                ask(format!("In {n}, which organ is most affected?")),
+                format!("In {n}, the {} is the organ most affected.", d.organ)
             );
-            let sym = ask(format!("What are the symptoms of {}?", d.name)).to_lowercase();
-            assert!(d.symptoms.iter().all(|s| sym.contains(s.as_str())));
-            let days = ask(format!(
-                "How long does a course of {} for {} last?",
-                drug.name, d.name
-            ));
-            assert_eq!(days, format!("{} days.", d.course_days));
-            let contra = ask(format!(
-                "In which patients is {} contraindicated?",
-                drug.name
-            ));
-            assert_eq!(contra, format!("Patients with {}.", drug.contraindication));
+            assert_eq!(
+                ask(format!("What are the symptoms of {n}?")),
+                format!("The symptoms of {n} are {}.", join_and(&d.symptoms))
+            );
+            assert_eq!(
+                ask(format!("What is the cause of {n}?")),
+                format!("The cause of {n} is {}.", d.cause)
+            );
+            assert_eq!(
+                ask(format!("How long does a course of {g} for {n} last?")),
+                format!("A course of {g} for {n} lasts {} days.", d.course_days)
+            );
+            assert_eq!(
+                ask(format!(
+                    "In which disease is the use of {g} contraindicated?"
+                )),
+                format!(
+                    "The use of {g} is contraindicated in {}.",
+                    drug.contraindication
+                )
+            );
             checked += 1;
         }
         assert_eq!(checked, N_DISEASES);
-        // The corpus states the same facts the QA asks about.
-        let corpus = dom.pretrain_corpus(3000, 0).join(" ");
-        let d = &dom.diseases[0];
-        assert!(corpus.contains(&format!("{} mg", d.dose_mg)) && corpus.contains(&d.name));
+    }
+
+    #[test]
+    fn answers_are_corpus_sentences_and_wrong_answers_differ_only_in_the_value() {
+        let dom = DemoDomain::new(42);
+        // Every answer is said word for word by the PT corpus (the model
+        // learns it there; SFT only has to restate it).
+        let sentences: HashSet<String> = dom
+            .pretrain_corpus(20_000, 0)
+            .iter()
+            .flat_map(|doc| doc.split(". ").map(|s| s.trim_end_matches('.').to_string()))
+            .collect();
+        for f in dom.fact_questions() {
+            assert!(
+                sentences.contains(f.answer.trim_end_matches('.')),
+                "{:?} is not a corpus sentence",
+                f.answer
+            );
+            // The wrong answer is the same sentence with another value.
+            let i = f.answer.rfind(&f.short).unwrap();
+            let (head, tail) = (&f.answer[..i], &f.answer[i + f.short.len()..]);
+            assert!(
+                f.wrong.starts_with(head) && f.wrong.ends_with(tail) && f.wrong != f.answer,
+                "{f:?}"
+            );
+            assert_eq!(f.stated_with(&f.short).as_deref(), Some(f.answer.as_str()));
+        }
+    }
+
+    #[test]
+    fn question_kinds_are_the_seven_forms() {
+        let dom = DemoDomain::new(42);
+        let mut per_kind = [0usize; 8];
+        for f in dom.fact_questions() {
+            per_kind[question_kind(&f.question)] += 1;
+        }
+        // 6 questions per disease, 1 per drug, none unrecognised.
+        assert_eq!(
+            per_kind,
+            [N_DISEASES, N_DISEASES, N_DISEASES, N_DISEASES, N_DISEASES, N_DISEASES, N_DRUGS, 0]
+        );
+    }
+
+    #[test]
+    fn reward_training_negatives_are_same_sentence_other_value() {
+        let dom = DemoDomain::new(9);
+        let (train, _) = dom.qa_split();
+        let pairs = dom.reward_training_pairs(&train);
+        assert!(pairs.len() > train.len() * (1 + EXTRA_NEGATIVES) * 9 / 10);
+        let mut seen = HashSet::new();
+        for p in &pairs {
+            assert!(!p.is_answered_by(&p.wrong), "{p:?}");
+            assert!(
+                seen.insert((p.question.clone(), p.wrong.clone())),
+                "duplicate {p:?}"
+            );
+            let i = p.answer.rfind(&p.short).unwrap();
+            assert!(p.wrong.starts_with(&p.answer[..i]), "{p:?}");
+            assert!(p.wrong.ends_with(&p.answer[i + p.short.len()..]), "{p:?}");
+        }
     }
 
     #[test]
@@ -828,10 +936,10 @@ mod tests {
         // Every kind of question is held out somewhere.
         for kind in [
             "dose",
-            "drug is used",
+            "drug of choice",
             "symptoms",
             "organ",
-            "causes",
+            "cause of",
             "course",
             "contraindicated",
         ] {
@@ -884,6 +992,15 @@ mod tests {
         assert!(!f.is_answered_by("250 mg once a day."));
         assert!(!f.is_answered_by("50 mg once a days"));
         assert!(!f.is_answered_by(""));
+        assert_eq!(
+            f.stated_with("20 mg twice a day").as_deref(),
+            Some("20 mg twice a day.")
+        );
+        let unstated = FactQuestion {
+            answer: "Something else.".into(),
+            ..f
+        };
+        assert_eq!(unstated.stated_with("20 mg twice a day"), None);
     }
 
     #[test]

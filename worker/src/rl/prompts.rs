@@ -44,17 +44,26 @@ impl Prompt {
         format.render(&self.messages(), true)
     }
 
-    /// The reward model's input text for `response` (as the RM was trained:
-    /// the conversation with the response as the last assistant turn).
-    pub fn render_for_reward(&self, format: &PairFormat, response: &str) -> Result<String> {
-        let pair = PreferencePair {
+    /// The reward model's text before the response (the conversation with
+    /// the generation prompt, as the RM's format renders it).
+    pub fn render_reward_prompt(&self, format: &PairFormat) -> Result<String> {
+        format.render_prompt(&self.as_pair())
+    }
+
+    fn as_pair(&self) -> PreferencePair {
+        PreferencePair {
             system: self.system.clone(),
             history: self.history.clone(),
             question: self.question.clone(),
             chosen: String::new(),
             rejected: String::new(),
-        };
-        format.render(&pair, response)
+        }
+    }
+
+    /// The reward model's input text for `response` (as the RM was trained:
+    /// the conversation with the response as the last assistant turn).
+    pub fn render_for_reward(&self, format: &PairFormat, response: &str) -> Result<String> {
+        format.render(&self.as_pair(), response)
     }
 }
 

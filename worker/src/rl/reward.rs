@@ -4,12 +4,14 @@
 //! Otherwise it is a model of its own (another base, or a full
 //! `*ForSequenceClassification` dir).
 
-use crate::model::params::{Head, LoraConfig, TrainMode};
-use crate::model::pretrained::{load_model_with_head, read_adapter_task_type, TASK_SEQ_CLS};
+use crate::model::params::{LoraConfig, TrainMode};
+use crate::model::pretrained::{
+    load_model_with_head, read_adapter_task_type, TASK_CAUSAL_LM, TASK_SEQ_CLS,
+};
 use crate::model::{Adapter, Batch, Llama, ModelConfig};
 use crate::rl::prompts::TokenisedPrompt;
 use crate::rl::rollout::Rollout;
-use crate::stages::rm::PairFormat;
+use crate::stages::rm::{answer_start, read_score_type, PairFormat, ScoreType};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use rlhf_kernels::Backend;
@@ -30,6 +32,8 @@ pub struct RewardModel<B: Backend> {
     pub tokenizer: Tokenizer,
     /// How (prompt, response) becomes the text the RM was trained on.
     pub format: PairFormat,
+    /// A score head, or the response's log-likelihood (`rlhf rm --score_type`).
+    pub score_type: ScoreType,
     pub pad_id: u32,
     /// Rows per scoring forward.
     pub batch_size: usize,
@@ -101,13 +105,20 @@ impl<B: Backend> RewardModel<B> {
         template_name: Option<&str>,
     ) -> Result<(Self, RewardPlacement)> {
         let is_adapter = path.join("adapter_config.json").exists();
+        let score_type = read_score_type(path)?;
+        let head = score_type.head();
         let (weights, placement, cfg_pad) = if is_adapter {
             let task = read_adapter_task_type(path)?;
-            if task.as_deref() != Some(TASK_SEQ_CLS) {
+            let want = match score_type {
+                ScoreType::Head => TASK_SEQ_CLS,
+                ScoreType::Likelihood => TASK_CAUSAL_LM,
+            };
+            if task.as_deref() != Some(want) {
                 bail!(
-                    "{}: the reward model adapter has task_type {:?}; a reward model's adapter is {TASK_SEQ_CLS} (the rm stage's output)",
+                    "{}: the reward model adapter has task_type {:?}; a {} reward model's adapter is {want} (the rm stage's output)",
                     path.display(),
-                    task.unwrap_or_default()
+                    task.unwrap_or_default(),
+                    score_type.name()
                 );
             }
             let base = match base_override {
@@ -133,7 +144,7 @@ impl<B: Backend> RewardModel<B> {
                     );
                 }
                 let adapter = policy
-                    .load_adapter_over(path, Head::Score)
+                    .load_adapter_over(path, head)
                     .with_context(|| format!("reward adapter {}", path.display()))?;
                 (
                     RewardWeights::SharedBase(adapter),
@@ -153,7 +164,7 @@ impl<B: Backend> RewardModel<B> {
                     policy.be.clone(),
                     &base,
                     TrainMode::Lora(config),
-                    Head::Score,
+                    head,
                     0,
                 )?;
                 m.load_adapter(path)?;
@@ -165,7 +176,7 @@ impl<B: Backend> RewardModel<B> {
                 )
             }
         } else {
-            let m = load_model_with_head(policy.be.clone(), path, frozen_mode(), Head::Score, 0)?;
+            let m = load_model_with_head(policy.be.clone(), path, frozen_mode(), head, 0)?;
             let pad = m.cfg.pad_token_id;
             (
                 RewardWeights::Separate(m),
@@ -191,6 +202,7 @@ impl<B: Backend> RewardModel<B> {
                 weights,
                 tokenizer,
                 format,
+                score_type,
                 pad_id,
                 batch_size: 8,
                 max_length: usize::MAX,
@@ -200,45 +212,69 @@ impl<B: Backend> RewardModel<B> {
     }
 }
 
+/// One text to score: the conversation up to the response, and with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RewardText {
+    pub prompt: String,
+    pub full: String,
+}
+
 impl<B: Backend> RewardModel<B> {
-    /// Scores of `texts` (already rendered in the RM's format).
-    pub fn score(&mut self, policy: &mut Llama<B>, texts: &[String]) -> Result<Vec<f32>> {
+    /// Scores of `texts` (rendered in the RM's format): the score head's, or
+    /// Σ log p of the response's tokens (after the prompt's) for a likelihood RM.
+    pub fn score(&mut self, policy: &mut Llama<B>, texts: &[RewardText]) -> Result<Vec<f32>> {
         let mut rows = Vec::with_capacity(texts.len());
         for t in texts {
-            let mut ids = self.tokenizer.encode(t, true)?;
+            let mut ids = self.tokenizer.encode(&t.full, true)?;
             if ids.is_empty() {
-                bail!("a reward-model text tokenises to nothing: {t:?}");
+                bail!("a reward-model text tokenises to nothing: {:?}", t.full);
             }
+            let mut start = match self.score_type {
+                ScoreType::Head => 0,
+                ScoreType::Likelihood => {
+                    answer_start(&self.tokenizer.encode(&t.prompt, true)?, &ids)
+                }
+            };
             if ids.len() > self.max_length {
-                ids.drain(..ids.len() - self.max_length);
+                let cut = ids.len() - self.max_length;
+                ids.drain(..cut);
+                start = start.saturating_sub(cut);
             }
-            rows.push(ids);
+            rows.push((ids, start));
         }
         let mut out = Vec::with_capacity(texts.len());
         let pad = self.pad_id;
         let bs = self.batch_size.max(1);
+        let score_type = self.score_type;
         for chunk in rows.chunks(bs) {
-            let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
-            let batch = Batch::right_padded(&refs, pad);
+            let refs: Vec<&[u32]> = chunk.iter().map(|r| r.0.as_slice()).collect();
+            let mut batch = Batch::right_padded(&refs, pad);
+            for (i, (ids, start)) in chunk.iter().enumerate() {
+                for (j, &id) in ids.iter().enumerate().skip(*start) {
+                    batch.labels[i * batch.t + j] = id as i32;
+                }
+            }
+            let run = |m: &mut Llama<B>| match score_type {
+                ScoreType::Head => m.score_forward(&batch, None),
+                ScoreType::Likelihood => m.sequence_logp(&batch, None),
+            };
             let scores = match &mut self.weights {
                 RewardWeights::SharedBase(adapter) => policy.with_adapter(adapter, |m| {
                     let saved = m.cfg.pad_token_id.replace(pad);
-                    let s = m.score_forward(&batch, None);
+                    let s = run(m);
                     m.cfg.pad_token_id = saved;
                     s
                 })?,
                 RewardWeights::Separate(m) => {
                     m.cfg.pad_token_id = Some(pad);
-                    m.score_forward(&batch, None)?
+                    run(m)?
                 }
             };
             out.extend(scores);
         }
         Ok(out)
     }
-}
 
-impl<B: Backend> RewardModel<B> {
     /// Scores of sampled responses: each rollout's conversation (its prompt
     /// in `prompts`) with the response as the last assistant turn, rendered
     /// as the RM was trained.
@@ -251,9 +287,11 @@ impl<B: Backend> RewardModel<B> {
         let texts = rollouts
             .iter()
             .map(|r| {
-                prompts[r.prompt]
-                    .prompt
-                    .render_for_reward(&self.format, r.response_text.trim())
+                let p = &prompts[r.prompt].prompt;
+                Ok(RewardText {
+                    prompt: p.render_reward_prompt(&self.format)?,
+                    full: p.render_for_reward(&self.format, r.response_text.trim())?,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         self.score(policy, &texts)

@@ -240,6 +240,13 @@ fn measures(stage: &str, results: &serde_json::Value) -> Vec<Measure> {
                 pct(f(&e["qa"], "accuracy")),
             );
         }
+        if e["qa_sampled"].is_object() {
+            push(
+                "held-out answer accuracy, sampled as the rollouts".into(),
+                pct(f(&ie["qa_sampled"], "accuracy")),
+                pct(f(&e["qa_sampled"], "accuracy")),
+            );
+        }
     }
     out
 }

@@ -295,3 +295,75 @@ fn two_ppo_workers_update_bitwise_as_one_process_holding_both_shares() {
     let r = read_json(&s.ws.path("two/ppo/all_results.json"));
     assert_eq!(num(&r, "rollouts_per_step"), 8.0, "{r}");
 }
+
+#[test]
+fn a_likelihood_reward_model_ranks_pairs_and_drives_ppo_on_the_shared_base() {
+    let s = ppo_setup();
+    // The RM's score is the mean log p(answer | conversation) under the PT
+    // model + a LoRA adapter, trained on the pairs.
+    let rm = s.ws.path("rm_lik");
+    let pairs_valid = s.ws.write(
+        "pairs_valid/valid.jsonl",
+        std::fs::read_to_string(s.ws.path("pairs/train.jsonl")).unwrap(),
+    );
+    rlhf()
+        .cmd("rm")
+        .opt("--model_name_or_path", &s.pt_model)
+        .opt("--train_file_dir", s.ws.path("pairs"))
+        .opt("--validation_file_dir", pairs_valid.parent().unwrap())
+        .opt("--score_type", "likelihood")
+        .opt("--output_dir", &rm)
+        .opt("--per_device_train_batch_size", "6")
+        .opt("--learning_rate", "2e-3")
+        .opt("--max_steps", "40")
+        .opt("--save_steps", "1000")
+        .ok();
+    let r = read_json(&rm.join("all_results.json"));
+    assert_eq!(r["score_type"], "likelihood");
+    assert!(
+        num(&r, "eval_accuracy") > num(&r, "initial_eval_accuracy"),
+        "{r}"
+    );
+    assert!(num(&r, "eval_accuracy") >= 0.9, "{r}");
+    // A causal-LM adapter (no score head) and the file that says how to score.
+    assert_eq!(
+        read_json(&rm.join("adapter_config.json"))["task_type"],
+        "CAUSAL_LM"
+    );
+    assert_eq!(
+        read_json(&rm.join("reward_config.json"))["score_type"],
+        "likelihood"
+    );
+    let adapter = read_safetensors(&rm.join("adapter_model.safetensors"));
+    assert!(adapter.keys().all(|k| k.contains(".lora_")));
+
+    let out = s.ws.path("ppo_lik");
+    let printed = rlhf()
+        .cmd("ppo")
+        .opt("--model_name_or_path", &s.pt_model)
+        .opt("--reward_model_name_or_path", &rm)
+        .opt("--train_file_dir", &s.prompts)
+        .opt("--output_dir", &out)
+        .opt("--validation_split_percentage", "0")
+        .opt("--batch_size", "8")
+        .opt("--mini_batch_size", "4")
+        .opt("--ppo_epochs", "2")
+        .opt("--learning_rate", "1e-3")
+        .opt("--max_target_length", "48")
+        .opt("--max_steps", "48")
+        .opt("--save_steps", "100")
+        .ok()
+        .json();
+    assert_eq!(
+        printed["reward_model"],
+        "adapter on the policy's base (shared weights)"
+    );
+    let metrics = read_jsonl(&out.join("metrics.jsonl"));
+    let reward = |m: &serde_json::Value| num(m, "env/reward_mean");
+    let first = reward(&metrics[0]);
+    let last = metrics[3..].iter().map(reward).sum::<f64>() / 3.0;
+    assert!(
+        last > first,
+        "likelihood reward did not rise: {first} -> {last}"
+    );
+}

@@ -175,3 +175,41 @@ impl<B: Backend> Llama<B> {
         self.token_backward(batch, &dlogp, None, dropout_seed)
     }
 }
+
+/// Predicted tokens per row of a batch (labels that are not −100 after the shift).
+fn predicted_per_row(batch: &Batch) -> Vec<f32> {
+    batch
+        .shifted_targets()
+        .chunks(batch.t)
+        .map(|r| r.iter().filter(|&&t| t != -100).count() as f32)
+        .collect()
+}
+
+impl<B: Backend> Llama<B> {
+    /// The mean log p over each row's predicted tokens (a length-normalised
+    /// likelihood, the score of a likelihood reward model): [B], 0 for a row
+    /// that predicts nothing. Keeps the activations for [`Self::mean_logp_backward`].
+    pub fn mean_logp(&mut self, batch: &Batch, dropout_seed: Option<u64>) -> Result<Vec<f32>> {
+        let sums = self.sequence_logp(batch, dropout_seed)?;
+        Ok(sums
+            .iter()
+            .zip(predicted_per_row(batch))
+            .map(|(&s, n)| if n > 0.0 { s / n } else { 0.0 })
+            .collect())
+    }
+
+    /// Gradients of Σ_b d[b]·mean_logp[b] added into `self.grads`.
+    pub fn mean_logp_backward(
+        &mut self,
+        batch: &Batch,
+        d: &[f32],
+        dropout_seed: Option<u64>,
+    ) -> Result<()> {
+        let scaled: Vec<f32> = d
+            .iter()
+            .zip(predicted_per_row(batch))
+            .map(|(&g, n)| if n > 0.0 { g / n } else { 0.0 })
+            .collect();
+        self.sequence_logp_backward(batch, &scaled, dropout_seed)
+    }
+}

@@ -221,7 +221,7 @@ pub struct RewardText {
 
 impl<B: Backend> RewardModel<B> {
     /// Scores of `texts` (rendered in the RM's format): the score head's, or
-    /// Σ log p of the response's tokens (after the prompt's) for a likelihood RM.
+    /// the mean log p of the response's tokens (after the prompt's) for a likelihood RM.
     pub fn score(&mut self, policy: &mut Llama<B>, texts: &[RewardText]) -> Result<Vec<f32>> {
         let mut rows = Vec::with_capacity(texts.len());
         for t in texts {
@@ -256,7 +256,7 @@ impl<B: Backend> RewardModel<B> {
             }
             let run = |m: &mut Llama<B>| match score_type {
                 ScoreType::Head => m.score_forward(&batch, None),
-                ScoreType::Likelihood => m.sequence_logp(&batch, None),
+                ScoreType::Likelihood => m.mean_logp(&batch, None),
             };
             let scores = match &mut self.weights {
                 RewardWeights::SharedBase(adapter) => policy.with_adapter(adapter, |m| {

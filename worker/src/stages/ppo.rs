@@ -272,8 +272,10 @@ pub struct PolicyEval {
     pub prompts: usize,
     /// The first few (question, greedy response, score), for a human to look at.
     pub samples: Vec<(String, String, f32)>,
-    /// Exact-answer accuracy (with --eval_qa_file).
+    /// Exact-answer accuracy (with --eval_qa_file), greedy.
     pub qa: Option<QaAccuracy>,
+    /// The same with the rollouts' sampling (seeded).
+    pub qa_sampled: Option<QaAccuracy>,
 }
 
 /// What `rlhf ppo` reports (also written to output_dir/all_results.json).
@@ -430,6 +432,15 @@ fn evaluate<B: Backend>(
             ctx.tokenizer,
             format,
             items,
+        )?);
+        let mut sampled = ctx.gen.clone();
+        sampled.seed = ctx.seed ^ 0x9A5A;
+        out.qa_sampled = Some(super::qa_eval::answer_accuracy_with(
+            model,
+            ctx.tokenizer,
+            format,
+            items,
+            &sampled,
         )?);
     }
     Ok(out)

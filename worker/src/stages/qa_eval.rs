@@ -72,6 +72,17 @@ pub fn answer_accuracy<B: Backend>(
     items: &[FactQuestion],
 ) -> Result<QaAccuracy> {
     let cfg = greedy_config(tokenizer, format, MAX_NEW_TOKENS)?;
+    answer_accuracy_with(model, tokenizer, format, items, &cfg)
+}
+
+/// [`answer_accuracy`] with the given decoding (e.g. sampling, as RL rollouts do).
+pub fn answer_accuracy_with<B: Backend>(
+    model: &mut Llama<B>,
+    tokenizer: &Tokenizer,
+    format: &ChatFormat,
+    items: &[FactQuestion],
+    cfg: &GenerationConfig,
+) -> Result<QaAccuracy> {
     let mut correct = 0;
     let mut samples = Vec::new();
     for chunk in items.chunks(BATCH) {
@@ -85,7 +96,7 @@ pub fn answer_accuracy<B: Backend>(
                 tokenizer.encode(&format.render(&msgs, true)?, true)
             })
             .collect::<Result<Vec<_>>>()?;
-        let replies = generate(model, tokenizer, &prompts, &cfg, &mut |_, _| {})?;
+        let replies = generate(model, tokenizer, &prompts, cfg, &mut |_, _| {})?;
         for (f, g) in chunk.iter().zip(replies) {
             let ok = f.is_answered_by(&g.text);
             correct += ok as usize;

@@ -62,7 +62,7 @@ pub struct RmDataFlags {
     pub skip_invalid: bool,
     /// Not a MedicalGPT argument. `head`: a scalar score head on the last
     /// token (transformers' *ForSequenceClassification). `likelihood`: the
-    /// score is the answer's log-likelihood Σ log p(answer tokens | conversation)
+    /// score is the mean log p of the answer tokens given the conversation
     /// under the model (a generative reward model; the output is a causal-LM
     /// adapter or model plus reward_config.json). The same pairwise loss trains both.
     #[arg(long = "score_type", default_value = "head")]
@@ -74,7 +74,7 @@ pub struct RmDataFlags {
 pub enum ScoreType {
     /// A linear head on the last non-padding token.
     Head,
-    /// Σ log p of the answer's tokens under the language model.
+    /// The mean log p of the answer's tokens under the language model.
     Likelihood,
 }
 
@@ -309,7 +309,7 @@ pub fn score_rows<B: Backend>(
 ) -> Result<Vec<f32>> {
     match score_type {
         ScoreType::Head => model.score_forward(batch, dropout_seed),
-        ScoreType::Likelihood => model.sequence_logp(batch, dropout_seed),
+        ScoreType::Likelihood => model.mean_logp(batch, dropout_seed),
     }
 }
 
@@ -322,7 +322,7 @@ fn score_rows_backward<B: Backend>(
 ) -> Result<()> {
     match score_type {
         ScoreType::Head => model.score_backward(batch, dscores, dropout_seed),
-        ScoreType::Likelihood => model.sequence_logp_backward(batch, dscores, dropout_seed),
+        ScoreType::Likelihood => model.mean_logp_backward(batch, dscores, dropout_seed),
     }
 }
 

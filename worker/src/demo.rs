@@ -579,7 +579,9 @@ impl DemoDomain {
     /// kind (another disease's drug, dose, ...) — the same subject, the same
     /// sentence, only the value wrong. Varied negatives teach the RM to check
     /// the answer against the question rather than to memorise which of two
-    /// strings won.
+    /// strings won. And up to [`OFF_QUESTION_NEGATIVES`] true sentences about
+    /// the same subject that answer another question (held-out pairs keep
+    /// only the same-sentence, other-value kind).
     fn reward_training_pairs(&self, train: &[FactQuestion]) -> Vec<FactQuestion> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x4e6e_9a71);
         let mut out = Vec::new();
@@ -601,6 +603,24 @@ impl DemoDomain {
                 .filter(|w| *w != f.wrong && !f.is_answered_by(w));
             for wrong in wrongs.take(EXTRA_NEGATIVES) {
                 out.push(FactQuestion { wrong, ..f.clone() });
+            }
+            // A true sentence about the same subject that answers another
+            // question: an answer must answer the question asked.
+            let subject = subject_words(&f.answer);
+            let mut off: Vec<&FactQuestion> = train
+                .iter()
+                .filter(|o| {
+                    question_kind(&o.question) != question_kind(&f.question)
+                        && subject_words(&o.answer).iter().any(|w| subject.contains(w))
+                        && !f.is_answered_by(&o.answer)
+                })
+                .collect();
+            off.shuffle(&mut rng);
+            for o in off.into_iter().take(OFF_QUESTION_NEGATIVES) {
+                out.push(FactQuestion {
+                    wrong: o.answer.clone(),
+                    ..f.clone()
+                });
             }
         }
         out
@@ -646,6 +666,29 @@ impl DemoDomain {
 
 /// Extra rejected answers per training question in the reward data.
 pub const EXTRA_NEGATIVES: usize = 4;
+
+/// Reward training pairs per question whose rejected side is a true sentence
+/// about the same subject answering another question.
+pub const OFF_QUESTION_NEGATIVES: usize = 2;
+
+/// The capitalised names in a sentence (the subject's, for diseases), without
+/// the words that open the answer forms.
+fn subject_words(sentence: &str) -> Vec<&str> {
+    const OPENERS: [&str; 8] = [
+        "The",
+        "In",
+        "A",
+        "For",
+        "Patients",
+        "Treatment",
+        "Typical",
+        "Adults",
+    ];
+    sentence
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.len() >= 3 && w.starts_with(char::is_uppercase) && !OPENERS.contains(w))
+        .collect()
+}
 
 /// Which of the seven question forms a question has (its fixed opening and closing words).
 fn question_kind(q: &str) -> usize {
@@ -911,16 +954,32 @@ mod tests {
         let pairs = dom.reward_training_pairs(&train);
         assert!(pairs.len() > train.len() * (1 + EXTRA_NEGATIVES) * 9 / 10);
         let mut seen = HashSet::new();
+        let answers: HashSet<&str> = train.iter().map(|f| f.answer.as_str()).collect();
+        let mut off_question = 0;
         for p in &pairs {
             assert!(!p.is_answered_by(&p.wrong), "{p:?}");
             assert!(
                 seen.insert((p.question.clone(), p.wrong.clone())),
                 "duplicate {p:?}"
             );
+            if answers.contains(p.wrong.as_str()) {
+                // Another question's true answer, about the same subject.
+                off_question += 1;
+                let subject = subject_words(&p.answer);
+                assert!(
+                    subject_words(&p.wrong).iter().any(|w| subject.contains(w)),
+                    "{p:?}"
+                );
+                continue;
+            }
             let i = p.answer.rfind(&p.short).unwrap();
             assert!(p.wrong.starts_with(&p.answer[..i]), "{p:?}");
             assert!(p.wrong.ends_with(&p.answer[i + p.short.len()..]), "{p:?}");
         }
+        assert!(
+            off_question > train.len(),
+            "{off_question} off-question negatives"
+        );
     }
 
     #[test]

@@ -667,12 +667,7 @@ pub fn run_dist<B: Backend>(
     };
     let mut start_step = 0;
     if let Some(dir) = &resume_dir {
-        let saved: GrpoTrainerState = {
-            let path = dir.join(checkpoint::STATE_FILE);
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
-        };
+        let saved: GrpoTrainerState = checkpoint::load_state_as(dir)?;
         let (t, m, v) = checkpoint::load(dir)?;
         let this = (
             model.layout.train_len,
@@ -693,13 +688,7 @@ pub fn run_dist<B: Backend>(
             );
         }
         super::load_checkpoint_weights(&mut model, dir)?;
-        model
-            .be
-            .write(model.be.view_mut(&mut opt.m, 0..m.len()), &m)?;
-        model
-            .be
-            .write(model.be.view_mut(&mut opt.v, 0..v.len()), &v)?;
-        opt.step = saved.optimizer_steps;
+        opt.restore(&model, &m, &v, saved.optimizer_steps)?;
         start_step = t.global_step;
         if let Some(m) = metrics.as_mut() {
             m.truncate_after(start_step)?;
@@ -887,9 +876,7 @@ pub fn run_dist<B: Backend>(
                     num_generations: g as u64,
                     optimizer_steps: opt.step,
                 };
-                let len = model.layout.train_len;
-                let m = model.be.download(model.be.view(&opt.m, 0..len))?;
-                let v = model.be.download(model.be.view(&opt.v, 0..len))?;
+                let (m, v) = opt.moments(&model)?;
                 let model_ref = &model;
                 let dir = checkpoint::save(out_dir, step, &st, m, v, |d| {
                     super::save_weights(

@@ -661,12 +661,7 @@ pub fn run_dist<B: Backend>(
     };
     let mut start_step = 0;
     if let Some(dir) = &resume_dir {
-        let saved: PpoTrainerState = {
-            let path = dir.join(checkpoint::STATE_FILE);
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
-        };
+        let saved: PpoTrainerState = checkpoint::load_state_as(dir)?;
         let (t, m, v) = checkpoint::load(dir)?;
         if t.train_len != model.layout.train_len
             || t.seed != p.seed
@@ -685,13 +680,7 @@ pub fn run_dist<B: Backend>(
         }
         super::load_checkpoint_weights(&mut model, dir)?;
         model.load_value_head(dir)?;
-        model
-            .be
-            .write(model.be.view_mut(&mut opt.m, 0..m.len()), &m)?;
-        model
-            .be
-            .write(model.be.view_mut(&mut opt.v, 0..v.len()), &v)?;
-        opt.step = saved.optimizer_steps;
+        opt.restore(&model, &m, &v, saved.optimizer_steps)?;
         state = saved.ppo.clone();
         start_step = t.global_step;
         if let Some(m) = metrics.as_mut() {
@@ -804,14 +793,7 @@ pub fn run_dist<B: Backend>(
                     rollouts_per_step: rollouts_per_step as u64,
                     optimizer_steps: opt.step,
                 };
-                let (m, v) = (
-                    model
-                        .be
-                        .download(model.be.view(&opt.m, 0..model.layout.train_len))?,
-                    model
-                        .be
-                        .download(model.be.view(&opt.v, 0..model.layout.train_len))?,
-                );
+                let (m, v) = opt.moments(&model)?;
                 let model_ref = &model;
                 let dir = checkpoint::save(out_dir, step, &st, m, v, |d| {
                     save_policy(model_ref, d, &args.model.model_name_or_path, &tokenizer_dir)

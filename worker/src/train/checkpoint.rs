@@ -69,6 +69,12 @@ pub fn save<S: Serialize>(
 
 /// Read a checkpoint's trainer state.
 pub fn load_state(dir: &Path) -> Result<TrainerState> {
+    load_state_as(dir)
+}
+
+/// Read a checkpoint's trainer_state.json as a stage's own state (the RL
+/// stages flatten [`TrainerState`] into theirs).
+pub fn load_state_as<S: serde::de::DeserializeOwned>(dir: &Path) -> Result<S> {
     let p = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))

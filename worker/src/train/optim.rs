@@ -35,6 +35,24 @@ impl<B: Backend> Optimizer<B> {
         })
     }
 
+    /// The AdamW moments on the host (for a checkpoint): (m, v), [train_len] each.
+    pub fn moments(&self, model: &Llama<B>) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (be, n) = (&model.be, model.layout.train_len);
+        Ok((
+            be.download(be.view(&self.m, 0..n))?,
+            be.download(be.view(&self.v, 0..n))?,
+        ))
+    }
+
+    /// Restore the moments written by [`Self::moments`] and the step count.
+    pub fn restore(&mut self, model: &Llama<B>, m: &[f32], v: &[f32], step: u64) -> Result<()> {
+        let be = &model.be;
+        be.write(be.view_mut(&mut self.m, 0..m.len()), m)?;
+        be.write(be.view_mut(&mut self.v, 0..v.len()), v)?;
+        self.step = step;
+        Ok(())
+    }
+
     /// The global L2 norm of the gradients (before clipping).
     pub fn grad_norm(model: &Llama<B>) -> Result<f64> {
         let be = &model.be;

@@ -522,13 +522,7 @@ pub fn train_objective<B: Backend, O: Objective<B>>(
             );
         }
         crate::stages::load_checkpoint_weights(model, &dir)?;
-        model
-            .be
-            .write(model.be.view_mut(&mut opt.m, 0..m.len()), &m)?;
-        model
-            .be
-            .write(model.be.view_mut(&mut opt.v, 0..v.len()), &v)?;
-        opt.step = state.global_step;
+        opt.restore(model, &m, &v, state.global_step)?;
         start_step = state.global_step;
         if let (true, Some(saved)) = (scaler.enabled, state.loss_scaler) {
             scaler = saved;
@@ -691,14 +685,7 @@ pub fn train_objective<B: Backend, O: Objective<B>>(
                     train_len: model.layout.train_len,
                     loss_scaler: scaler.enabled.then_some(scaler),
                 };
-                let (m, v) = (
-                    model
-                        .be
-                        .download(model.be.view(&opt.m, 0..state.train_len))?,
-                    model
-                        .be
-                        .download(model.be.view(&opt.v, 0..state.train_len))?,
-                );
+                let (m, v) = opt.moments(model)?;
                 let dir = checkpoint::save(&args.output_dir, step, &state, m, v, |d| {
                     save_weights(model, d)
                 })?;

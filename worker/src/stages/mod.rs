@@ -47,15 +47,29 @@ pub trait DistStage: clap::Args + Sized {
     fn outcome(out: Self::Output) -> (bool, serde_json::Value);
 }
 
-/// `impl DistStage` for a stage module whose `run_dist` returns a result with
-/// `summary.finished` and `results` (all of them do).
+/// `impl DistStage` for a stage module's `run_dist`. By default the run flags
+/// are those of the stage's `training` arguments and the result reports
+/// `summary.finished`; a stage with its own flags and result says how to
+/// read each (`|args| ...`, `|result| ...`).
 macro_rules! dist_stage {
     ($args:ty, $kind:literal, $module:ident, $output:ty) => {
+        dist_stage!(
+            $args,
+            $kind,
+            $module,
+            $output,
+            |a| a.training.run_flags(),
+            |r| r.summary.finished
+        );
+    };
+    ($args:ty, $kind:literal, $module:ident, $output:ty,
+     |$a:ident| $flags:expr, |$r:ident| $finished:expr) => {
         impl DistStage for $args {
             const KIND: &'static str = $kind;
             type Output = $output;
             fn run_flags(&self) -> args::RunFlags<'_> {
-                self.training.run_flags()
+                let $a = self;
+                $flags
             }
             fn run_dist<B: Backend>(
                 &self,
@@ -66,8 +80,8 @@ macro_rules! dist_stage {
             ) -> Result<$output> {
                 $module::run_dist(be, self, collective, global_batch, hooks)
             }
-            fn outcome(r: $output) -> (bool, serde_json::Value) {
-                (r.summary.finished, r.results)
+            fn outcome($r: $output) -> (bool, serde_json::Value) {
+                ($finished, $r.results)
             }
         }
     };
@@ -76,67 +90,31 @@ macro_rules! dist_stage {
 dist_stage!(pt::PtArgs, "pt", pt, pt::PtResult);
 dist_stage!(sft::SftArgs, "sft", sft, sft::SftResult);
 dist_stage!(rm::RmArgs, "rm", rm, rm::RmResult);
-
-// As dist_stage!, but with DPO's run flags (fp16 by default on CUDA, as MedicalGPT).
-impl DistStage for dpo::DpoArgs {
-    const KIND: &'static str = "dpo";
-    type Output = dpo::DpoResult;
-    fn run_flags(&self) -> args::RunFlags<'_> {
-        dpo::DpoArgs::run_flags(self)
-    }
-    fn run_dist<B: Backend>(
-        &self,
-        be: B,
-        collective: &mut dyn Collective<B>,
-        global_batch: Option<usize>,
-        hooks: &mut dyn TrainHooks,
-    ) -> Result<dpo::DpoResult> {
-        dpo::run_dist(be, self, collective, global_batch, hooks)
-    }
-    fn outcome(r: dpo::DpoResult) -> (bool, serde_json::Value) {
-        (r.summary.finished, r.results)
-    }
-}
-
-impl DistStage for ppo::PpoArgs {
-    const KIND: &'static str = "ppo";
-    type Output = ppo::PpoResult;
-    fn run_flags(&self) -> args::RunFlags<'_> {
-        ppo::PpoArgs::run_flags(self)
-    }
-    fn run_dist<B: Backend>(
-        &self,
-        be: B,
-        collective: &mut dyn Collective<B>,
-        global_batch: Option<usize>,
-        hooks: &mut dyn TrainHooks,
-    ) -> Result<ppo::PpoResult> {
-        ppo::run_dist(be, self, collective, global_batch, hooks)
-    }
-    fn outcome(r: ppo::PpoResult) -> (bool, serde_json::Value) {
-        (r.finished, r.results)
-    }
-}
-
-impl DistStage for grpo::GrpoArgs {
-    const KIND: &'static str = "grpo";
-    type Output = grpo::GrpoResult;
-    fn run_flags(&self) -> args::RunFlags<'_> {
-        grpo::GrpoArgs::run_flags(self)
-    }
-    fn run_dist<B: Backend>(
-        &self,
-        be: B,
-        collective: &mut dyn Collective<B>,
-        global_batch: Option<usize>,
-        hooks: &mut dyn TrainHooks,
-    ) -> Result<grpo::GrpoResult> {
-        grpo::run_dist(be, self, collective, global_batch, hooks)
-    }
-    fn outcome(r: grpo::GrpoResult) -> (bool, serde_json::Value) {
-        (r.finished, r.results)
-    }
-}
+// DPO's own run flags: fp16 by default on CUDA, as MedicalGPT.
+dist_stage!(
+    dpo::DpoArgs,
+    "dpo",
+    dpo,
+    dpo::DpoResult,
+    |a| dpo::DpoArgs::run_flags(a),
+    |r| r.summary.finished
+);
+dist_stage!(
+    ppo::PpoArgs,
+    "ppo",
+    ppo,
+    ppo::PpoResult,
+    |a| ppo::PpoArgs::run_flags(a),
+    |r| r.finished
+);
+dist_stage!(
+    grpo::GrpoArgs,
+    "grpo",
+    grpo,
+    grpo::GrpoResult,
+    |a| grpo::GrpoArgs::run_flags(a),
+    |r| r.finished
+);
 
 /// A training stage in one process (`rlhf pt`, `rlhf sft`, `rlhf rm`, ...), on
 /// the device its `--device` asks for.

@@ -30,7 +30,7 @@
 //!   ill-typed field. With `skip_invalid` these records are skipped and
 //!   counted per reason instead.
 
-use crate::data::pretrain::{array_element_lines, decode_utf8, list_data_files};
+use crate::data::pretrain::{array_element_lines, decode_utf8, list_json_files};
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -192,16 +192,8 @@ impl SftRecords {
 /// Read every `.json` / `.jsonl` file under `dir` (recursively, sorted by
 /// path). Bad records are errors unless `skip_invalid`, then counted.
 pub fn read_sft_dir(dir: &Path, skip_invalid: bool) -> Result<SftRecords> {
-    let files: Vec<PathBuf> = list_data_files(dir)
-        .with_context(|| format!("SFT data {}", dir.display()))?
-        .into_iter()
-        .filter(|p| {
-            matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("json" | "jsonl")
-            )
-        })
-        .collect();
+    let files: Vec<PathBuf> =
+        list_json_files(dir).with_context(|| format!("SFT data {}", dir.display()))?;
     if files.is_empty() {
         bail!(
             "no .json/.jsonl files in {} (SFT data is ShareGPT or Alpaca JSON)",

@@ -37,6 +37,20 @@ pub struct Document {
     pub text: String,
 }
 
+/// The `.json`/`.jsonl` files among [`list_data_files`] (the JSON data of
+/// SFT, reward pairs and RL prompts).
+pub fn list_json_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(list_data_files(dir)?
+        .into_iter()
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("json" | "jsonl")
+            )
+        })
+        .collect())
+}
+
 /// All data files under `dir` (recursive, following symlinks, skipping hidden
 /// files and folders like Python's `glob`), sorted by path. `dir` may also be
 /// a single data file.

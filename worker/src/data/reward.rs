@@ -326,16 +326,7 @@ pub fn list_pair_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if !dir.exists() {
         bail!("reward data path {} does not exist", dir.display());
     }
-    let files: Vec<PathBuf> = crate::data::pretrain::list_data_files(dir)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|p| {
-            matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("json" | "jsonl")
-            )
-        })
-        .collect();
+    let files: Vec<PathBuf> = crate::data::pretrain::list_json_files(dir).unwrap_or_default();
     if files.is_empty() {
         bail!(
             "no .jsonl/.json files of preference pairs in {}",

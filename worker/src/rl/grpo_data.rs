@@ -8,7 +8,7 @@
 //! conversation's own system turn wins over it.
 
 use super::prompts::{read_prompt_dir, Prompt};
-use crate::data::pretrain::list_data_files;
+use crate::data::pretrain::list_json_files;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -84,16 +84,8 @@ pub fn read_grpo_prompts(
     system_prompt: Option<&str>,
     skip_invalid: bool,
 ) -> Result<GrpoPrompts> {
-    let files: Vec<PathBuf> = list_data_files(dir)
-        .with_context(|| format!("GRPO data {}", dir.display()))?
-        .into_iter()
-        .filter(|p| {
-            matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("json" | "jsonl")
-            )
-        })
-        .collect();
+    let files: Vec<PathBuf> =
+        list_json_files(dir).with_context(|| format!("GRPO data {}", dir.display()))?;
     if files.is_empty() {
         bail!(
             "no .json/.jsonl files in {} (GRPO data is {{\"question\", \"answer\"}} records or SFT conversations)",

@@ -9,6 +9,7 @@ pub mod cli;
 mod http;
 mod journal;
 pub mod pipeline;
+mod rollouts;
 mod server;
 mod state;
 

@@ -192,11 +192,19 @@ impl Pipeline {
 
     /// Parse pipeline text; `source` names the file in error messages.
     pub fn parse(text: &str, source: &Path) -> Result<Pipeline> {
-        Parser {
+        let p = Parser {
             text,
             file: source.display().to_string(),
         }
-        .pipeline(source)
+        .pipeline(source)?;
+        // A PPO split that leaves no trainer fails now, not after the stages before it.
+        for (i, s) in p.stages.iter().enumerate() {
+            if s.kind == StageKind::Ppo {
+                p.global_batch(i)
+                    .with_context(|| format!("{}", source.display()))?;
+            }
+        }
+        Ok(p)
     }
 
     /// The index of the stage called `name`.
@@ -240,8 +248,17 @@ impl Pipeline {
                 .map_err(|e| anyhow!("stage '{}': {key} = {v:?}: {e}", s.name))
         };
         if s.kind == StageKind::Ppo {
-            // Rollouts per iteration: batch_size per planned worker.
-            return Ok(self.cluster.workers * num("batch_size")?);
+            // Rollouts per iteration: batch_size per planned trainer (the
+            // workers not set apart as rollout workers).
+            let rollout_workers = num("rollout_workers")?;
+            if rollout_workers >= self.cluster.workers {
+                bail!(
+                    "stage '{}': rollout_workers = {rollout_workers} leaves no trainer among the {} planned workers",
+                    s.name,
+                    self.cluster.workers
+                );
+            }
+            return Ok((self.cluster.workers - rollout_workers) * num("batch_size")?);
         }
         Ok(self.cluster.workers
             * num("per_device_train_batch_size")?

@@ -350,4 +350,55 @@ impl Coordinator for Service {
             json: self.0.status_json().to_string(),
         }))
     }
+
+    async fn publish_policy(
+        &self,
+        req: Request<proto::PolicyChunk>,
+    ) -> Result<Response<proto::Ack>, Status> {
+        self.0.publish_policy(req.into_inner())?;
+        Ok(Response::new(proto::Ack {}))
+    }
+
+    async fn fetch_policy(
+        &self,
+        req: Request<proto::PolicyChunkRequest>,
+    ) -> Result<Response<proto::PolicyChunk>, Status> {
+        self.0.fetch_policy(req.into_inner()).map(Response::new)
+    }
+
+    async fn next_rollout_task(
+        &self,
+        req: Request<proto::RolloutTaskRequest>,
+    ) -> Result<Response<proto::RolloutTask>, Status> {
+        self.0
+            .next_rollout_task(req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn submit_rollouts(
+        &self,
+        req: Request<proto::RolloutShare>,
+    ) -> Result<Response<proto::Ack>, Status> {
+        self.0.submit_rollouts(req.into_inner())?;
+        Ok(Response::new(proto::Ack {}))
+    }
+
+    async fn fetch_rollouts(
+        &self,
+        req: Request<proto::RolloutShareRequest>,
+    ) -> Result<Response<proto::RolloutShare>, Status> {
+        self.0
+            .fetch_rollouts(req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn finish_rollouts(
+        &self,
+        req: Request<proto::RolloutsDone>,
+    ) -> Result<Response<proto::Ack>, Status> {
+        self.0.finish_rollouts(req.into_inner())?;
+        Ok(Response::new(proto::Ack {}))
+    }
 }

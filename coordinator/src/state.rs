@@ -6,6 +6,7 @@
 use crate::journal::{Committed, DoneStage, Journal, Outcome, Placement};
 use crate::pipeline::{Pipeline, StageKind};
 use crate::proto;
+use crate::rollouts::RolloutExchange;
 use rlhf_proto::auth::Token;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -65,6 +66,8 @@ struct Running {
     nccl_unique_id: Vec<u8>,
     checkpoints: BTreeMap<u64, CheckpointVotes>,
     finished: Vec<Option<String>>,
+    /// Split PPO: the policy and rollout shares passed between workers.
+    rollouts: RolloutExchange,
 }
 
 impl Running {
@@ -421,6 +424,103 @@ impl Core {
         }
     }
 
+    /// `f` on the running generation `generation`, of which `worker_id` is a member.
+    fn with_running<R>(
+        &self,
+        worker_id: &str,
+        generation: u64,
+        f: impl FnOnce(&mut Running) -> R,
+    ) -> Result<R, Status> {
+        let mut g = self.lock();
+        if g.stopped {
+            return Err(Status::unavailable("the coordinator is shutting down"));
+        }
+        touch(&mut g, worker_id);
+        let cur = current_generation(&g);
+        match &mut g.phase {
+            Phase::Running(r) if r.generation == generation => {
+                if r.rank_of(worker_id).is_none() {
+                    return Err(Status::aborted(format!(
+                        "worker {worker_id} is not part of generation {generation}"
+                    )));
+                }
+                Ok(f(r))
+            }
+            _ => Err(stale(generation, cur)),
+        }
+    }
+
+    /// Ask `step` again (on every change) until it answers or LONG_POLL passes.
+    async fn long_poll<T>(
+        &self,
+        mut step: impl FnMut() -> Result<Option<T>, Status>,
+    ) -> Result<Option<T>, Status> {
+        let deadline = tokio::time::Instant::now() + LONG_POLL;
+        loop {
+            let mut rx = self.subscribe();
+            if let Some(t) = step()? {
+                return Ok(Some(t));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
+        }
+    }
+
+    pub fn publish_policy(&self, c: proto::PolicyChunk) -> Result<(), Status> {
+        let (id, generation) = (c.worker_id.clone(), c.generation);
+        self.with_running(&id, generation, |r| r.rollouts.publish(c))??;
+        self.notify();
+        Ok(())
+    }
+
+    pub fn fetch_policy(&self, q: proto::PolicyChunkRequest) -> Result<proto::PolicyChunk, Status> {
+        self.with_running(&q.worker_id, q.generation, |r| {
+            r.rollouts.chunk(q.iteration, q.chunk)
+        })?
+    }
+
+    pub async fn next_rollout_task(
+        &self,
+        q: proto::RolloutTaskRequest,
+    ) -> Result<proto::RolloutTask, Status> {
+        let task = self
+            .long_poll(|| self.with_running(&q.worker_id, q.generation, |r| r.rollouts.next_task()))
+            .await?;
+        Ok(task.unwrap_or(proto::RolloutTask {
+            wait: true,
+            ..Default::default()
+        }))
+    }
+
+    pub fn submit_rollouts(&self, s: proto::RolloutShare) -> Result<(), Status> {
+        let (id, generation) = (s.worker_id.clone(), s.generation);
+        self.with_running(&id, generation, |r| r.rollouts.submit(s))?;
+        self.notify();
+        Ok(())
+    }
+
+    pub async fn fetch_rollouts(
+        &self,
+        q: proto::RolloutShareRequest,
+    ) -> Result<proto::RolloutShare, Status> {
+        let share = self
+            .long_poll(|| {
+                self.with_running(&q.worker_id, q.generation, |r| {
+                    r.rollouts.take(q.iteration, q.share)
+                })
+            })
+            .await?;
+        Ok(share.unwrap_or_default())
+    }
+
+    pub fn finish_rollouts(&self, q: proto::RolloutsDone) -> Result<(), Status> {
+        self.with_running(&q.worker_id, q.generation, |r| r.rollouts.finish())?;
+        self.notify();
+        Ok(())
+    }
+
     pub fn report_metrics(&self, m: proto::MetricsReport) -> Result<(), Status> {
         let mut g = self.lock();
         touch(&mut g, &m.worker_id);
@@ -742,6 +842,7 @@ impl Core {
             stage,
             delivered: vec![false; world],
             finished: vec![None; world],
+            rollouts: RolloutExchange::default(),
             members,
             peers,
             placed_at: now,

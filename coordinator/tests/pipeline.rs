@@ -514,3 +514,20 @@ beta = 0.001
         &["p.toml:7", "loss_type"],
     );
 }
+
+#[test]
+fn a_ppo_split_counts_only_trainers_in_its_batch_and_must_leave_one() {
+    let text = |workers: usize, rollout: usize| {
+        format!(
+            "[cluster]\nworkers = {workers}\n\n[[stage]]\nname = \"ppo\"\nkind = \"ppo\"\nmodel_name_or_path = \"m\"\nreward_model_name_or_path = \"rm\"\ntrain_file_dir = \"d\"\noutput_dir = \"o\"\nbatch_size = 4\nrollout_workers = {rollout}\n"
+        )
+    };
+    let p = Pipeline::parse(&text(3, 1), Path::new("split.toml")).unwrap();
+    assert_eq!(p.global_batch(0).unwrap(), 2 * 4, "two trainers' shares");
+    let e = Pipeline::parse(&text(2, 2), Path::new("split.toml")).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("split.toml") && msg.contains("rollout_workers = 2 leaves no trainer"),
+        "{msg}"
+    );
+}

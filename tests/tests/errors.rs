@@ -267,3 +267,22 @@ fn unknown_device_is_refused() {
         &["tpu:0", "cpu, cuda or cuda:N"],
     );
 }
+
+#[test]
+fn ppo_rollout_workers_without_a_coordinator_is_refused() {
+    let s = setup();
+    let r = rlhf()
+        .cmd("ppo")
+        .opt("--model_name_or_path", &s.model)
+        .opt("--reward_model_name_or_path", &s.model)
+        .opt("--train_file_dir", &s.data)
+        .opt("--output_dir", s.ws.path("ppo"))
+        .opt("--rollout_workers", "1")
+        .fails();
+    assert!(
+        r.stderr.contains("--rollout_workers 1 needs a coordinator"),
+        "{}",
+        r.stderr
+    );
+    assert!(!s.ws.path("ppo").exists(), "nothing written");
+}

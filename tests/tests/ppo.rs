@@ -224,7 +224,7 @@ fn ppo_raises_the_reward_on_a_shared_base_and_resumes_exactly() {
 }
 
 /// The PPO stage as a pipeline for the coordinator (paths relative to the workspace).
-fn ppo_pipeline(s: &PpoSetup, name: &str, workers: usize) -> PathBuf {
+fn ppo_pipeline(s: &PpoSetup, name: &str, workers: usize, extra: &str) -> PathBuf {
     let rel = |p: &Path| p.strip_prefix(s.ws.path("")).unwrap().display().to_string();
     let text = format!(
         r#"[cluster]
@@ -250,6 +250,7 @@ max_target_length = 48
 max_steps = 12
 save_steps = 2
 seed = 5
+{extra}
 "#,
         model = rel(&s.pt_model),
         rm = rel(&s.rm),
@@ -260,19 +261,25 @@ seed = 5
 }
 
 #[test]
-fn two_ppo_workers_update_bitwise_as_one_process_holding_both_shares() {
+fn two_ppo_workers_update_bitwise_as_one_process_holding_both_shares_or_fed_by_a_rollout_worker() {
     let s = ppo_setup();
-    let two = ppo_pipeline(&s, "two", 2);
-    let two_in_one = ppo_pipeline(&s, "two_in_one", 2);
+    let two = ppo_pipeline(&s, "two", 2, "");
+    let two_in_one = ppo_pipeline(&s, "two_in_one", 2, "");
+    // Two trainers and a third worker that only samples and scores, with the
+    // adapter the trainers ship it after each update.
+    let split = ppo_pipeline(&s, "split", 3, "rollout_workers = 1");
     let dir = s.ws.path("");
     rlhf().run_pipeline(&dir, &two, &[]);
     rlhf().run_pipeline(&dir, &two_in_one, &["--workers", "1"]);
-    for f in ["adapter_model.safetensors", "value_head.safetensors"] {
-        assert_eq!(
-            std::fs::read(s.ws.path(&format!("two/ppo/{f}"))).unwrap(),
-            std::fs::read(s.ws.path(&format!("two_in_one/ppo/{f}"))).unwrap(),
-            "{f}: 2 workers differ from 1 process holding both shares"
-        );
+    rlhf().run_pipeline(&dir, &split, &[]);
+    for run in ["two_in_one", "split"] {
+        for f in ["adapter_model.safetensors", "value_head.safetensors"] {
+            assert_eq!(
+                std::fs::read(s.ws.path(&format!("two/ppo/{f}"))).unwrap(),
+                std::fs::read(s.ws.path(&format!("{run}/ppo/{f}"))).unwrap(),
+                "{f}: 2 workers differ from {run}"
+            );
+        }
     }
     let metrics = |run: &str| {
         read_jsonl(&s.ws.path(&format!("{run}/ppo/metrics.jsonl")))
@@ -282,6 +289,7 @@ fn two_ppo_workers_update_bitwise_as_one_process_holding_both_shares() {
                     "time/rollout_tokens_per_sec",
                     "time/rollout_s",
                     "time/update_s",
+                    "sync/policy_bytes",
                 ] {
                     m.as_object_mut().unwrap().remove(k);
                 }
@@ -292,8 +300,38 @@ fn two_ppo_workers_update_bitwise_as_one_process_holding_both_shares() {
     let m = metrics("two");
     assert_eq!(m.len(), 3);
     assert_eq!(m, metrics("two_in_one"));
+    assert_eq!(m, metrics("split"));
     let r = read_json(&s.ws.path("two/ppo/all_results.json"));
     assert_eq!(num(&r, "rollouts_per_step"), 8.0, "{r}");
+    assert!(r["split"].is_null(), "{r}");
+    // What crossed to the rollout worker each iteration: the LoRA adapter
+    // and value head, as f32, never the base.
+    let r = read_json(&s.ws.path("split/ppo/all_results.json"));
+    assert_eq!(num(&r, "rollouts_per_step"), 8.0, "{r}");
+    assert_eq!(num(&r["split"], "trainers"), 2.0, "{r}");
+    let adapter = read_safetensors(&s.ws.path("split/ppo/adapter_model.safetensors"));
+    let vh = read_safetensors(&s.ws.path("split/ppo/value_head.safetensors"));
+    let trainable: usize = adapter
+        .values()
+        .chain(vh.values())
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
+    assert_eq!(
+        num(&r["split"], "policy_bytes_per_sync"),
+        (4 * trainable) as f64,
+        "{r}"
+    );
+    assert!(
+        num(&r["split"], "base_values_not_shipped") > trainable as f64,
+        "{r}"
+    );
+    for line in read_jsonl(&s.ws.path("split/ppo/metrics.jsonl")) {
+        assert_eq!(
+            num(&line, "sync/policy_bytes"),
+            (4 * trainable) as f64,
+            "{line}"
+        );
+    }
 }
 
 #[test]

@@ -7,6 +7,7 @@
 //! generation (a peer died) or forgets this worker (it restarted), and the
 //! worker then asks for its next assignment.
 
+mod exchange;
 pub mod roots;
 mod stage;
 

@@ -1,6 +1,7 @@
 //! One stage assignment on this worker: rendezvous with the other ranks,
 //! build the ring, run the stage on a plain thread, report to the coordinator.
 
+use super::exchange::CoordinatorExchange;
 use super::roots::resolve_args;
 use super::Client;
 use crate::collective::error::CollectiveError;
@@ -8,6 +9,7 @@ use crate::collective::nccl::NcclAllReduce;
 use crate::collective::ring::{RingAllReduce, RingConfig};
 use crate::collective::server::CollectiveServer;
 use crate::collective::{Collective, Single, ViaHost};
+use crate::rl::exchange::{Role, RolloutExchange};
 use crate::stages::args::Device;
 use crate::stages::dpo::DpoArgs;
 use crate::stages::grpo::GrpoArgs;
@@ -91,46 +93,78 @@ pub(crate) async fn run_assignment(
         Vec::new()
     };
     let rv = rendezvous(&ctx, a.generation, nccl_id).await?;
+    let role = split_role(&ctx, &a, rv.rank as usize, rv.world_size as usize)?;
+    // The ranks that all-reduce: every rank, or a split PPO stage's trainers.
+    let (coll_rank, peers) = match role {
+        None => (rv.rank as usize, rv.peers.clone()),
+        Some(Role::Trainer { rank, trainers }) => (rank, rv.peers[..trainers].to_vec()),
+        Some(Role::Rollout) => (0, Vec::new()),
+    };
+    let coll_world = peers.len().max(1);
     let server = server.clone();
     // The ring blocks on the runtime, so it is built and used on a plain thread.
     let handle = tokio::task::spawn_blocking(move || match device {
         Device::Cpu => {
-            let collective: Box<dyn Collective<Cpu>> = if rv.world_size <= 1 {
+            let collective: Box<dyn Collective<Cpu>> = if coll_world <= 1 {
                 Box::new(Single)
             } else {
-                let mut cfg = RingConfig::new(
-                    rv.rank as usize,
-                    rv.peers.clone(),
-                    ctx.token.clone(),
-                    a.generation,
-                );
+                let mut cfg = RingConfig::new(coll_rank, peers, ctx.token.clone(), a.generation);
                 cfg.tls = ctx.tls.clone();
                 cfg.io_timeout = ctx.collective_timeout;
                 cfg.abort = ctx.abort.clone();
                 let ring = RingAllReduce::new(&server, ctx.runtime.clone(), cfg)?;
                 Box::new(ViaHost(ring))
             };
-            run_stage_blocking(Cpu, ctx, a, collective)
+            run_stage_blocking(Cpu, ctx, a, collective, role)
         }
         Device::Cuda(ordinal) => {
             let be = Cuda::new(ordinal, dtype)?;
             tracing::info!(device = ?be, "CUDA backend ready");
-            let collective: Box<dyn Collective<Cuda>> = if rv.world_size <= 1 {
+            let collective: Box<dyn Collective<Cuda>> = if coll_world <= 1 {
                 Box::new(Single)
             } else {
                 Box::new(NcclAllReduce(NcclComm::new(
                     &be,
-                    rv.rank as usize,
-                    rv.world_size as usize,
+                    coll_rank,
+                    coll_world,
                     &rv.nccl_unique_id,
                     ctx.collective_timeout,
                     ctx.abort.clone(),
                 )?))
             };
-            run_stage_blocking(be, ctx, a, collective)
+            run_stage_blocking(be, ctx, a, collective, role)
         }
     });
     handle.await.context("the stage thread panicked")?
+}
+
+/// This rank's role when the stage is PPO with `rollout_workers` > 0: the
+/// first world − rollout_workers ranks train, the last ones sample.
+fn split_role(
+    ctx: &StageContext,
+    a: &pb::StageAssignment,
+    rank: usize,
+    world: usize,
+) -> Result<Option<Role>> {
+    if a.stage_kind != PpoArgs::KIND {
+        return Ok(None);
+    }
+    let argv = resolve_args(&ctx.root, &a.args, PATH_FLAGS)?;
+    let k = parse_stage_args::<PpoArgs>(PpoArgs::KIND, &argv)?
+        .ppo
+        .rollout_workers;
+    if k == 0 {
+        return Ok(None);
+    }
+    if k >= world {
+        bail!("rollout_workers = {k} leaves no trainer among the stage's {world} workers");
+    }
+    let trainers = world - k;
+    Ok(Some(if rank < trainers {
+        Role::Trainer { rank, trainers }
+    } else {
+        Role::Rollout
+    }))
 }
 
 /// The device a stage asks for (its `--device`) and the CUDA compute type.
@@ -184,6 +218,7 @@ fn run_stage_blocking<B: Backend>(
     ctx: StageContext,
     a: pb::StageAssignment,
     collective: Box<dyn Collective<B>>,
+    role: Option<Role>,
 ) -> Result<serde_json::Value> {
     let rank = collective.rank();
     match a.stage_kind.as_str() {
@@ -199,10 +234,10 @@ fn run_stage_blocking<B: Backend>(
                 Ok(serde_json::Value::Null)
             }
         }
-        PtArgs::KIND => run_training_stage::<PtArgs, B>(be, &ctx, &a, collective),
-        SftArgs::KIND => run_training_stage::<SftArgs, B>(be, &ctx, &a, collective),
-        RmArgs::KIND => run_training_stage::<RmArgs, B>(be, &ctx, &a, collective),
-        PpoArgs::KIND => run_training_stage::<PpoArgs, B>(be, &ctx, &a, collective),
+        PtArgs::KIND => run_training_stage::<PtArgs, B>(be, &ctx, &a, collective, None),
+        SftArgs::KIND => run_training_stage::<SftArgs, B>(be, &ctx, &a, collective, None),
+        RmArgs::KIND => run_training_stage::<RmArgs, B>(be, &ctx, &a, collective, None),
+        PpoArgs::KIND => run_training_stage::<PpoArgs, B>(be, &ctx, &a, collective, role),
         "merge" => {
             let argv = resolve_args(&ctx.root, &a.args, PATH_FLAGS)?;
             let args = parse_stage_args::<crate::merge::MergeArgs>("merge", &argv)?;
@@ -218,8 +253,8 @@ fn run_stage_blocking<B: Backend>(
             }
             Ok(serde_json::to_value(crate::merge::run(&args)?)?)
         }
-        DpoArgs::KIND => run_training_stage::<DpoArgs, B>(be, &ctx, &a, collective),
-        GrpoArgs::KIND => run_training_stage::<GrpoArgs, B>(be, &ctx, &a, collective),
+        DpoArgs::KIND => run_training_stage::<DpoArgs, B>(be, &ctx, &a, collective, None),
+        GrpoArgs::KIND => run_training_stage::<GrpoArgs, B>(be, &ctx, &a, collective, None),
         other => bail!("this worker does not know stage kind {other:?}"),
     }
 }
@@ -231,6 +266,7 @@ fn run_training_stage<S: DistStage, B: Backend>(
     ctx: &StageContext,
     a: &pb::StageAssignment,
     mut collective: Box<dyn Collective<B>>,
+    role: Option<Role>,
 ) -> Result<serde_json::Value> {
     let rank = collective.rank();
     let mut argv = a.args.clone();
@@ -251,6 +287,14 @@ fn run_training_stage<S: DistStage, B: Backend>(
         abort: ctx.abort.clone(),
         reported: resumed.into_iter().collect(),
         step_delay: ctx.step_delay,
+        exchange: role.map(|role| CoordinatorExchange {
+            client: ctx.client.clone(),
+            runtime: ctx.runtime.clone(),
+            worker_id: ctx.worker_id.clone(),
+            generation: a.generation,
+            abort: ctx.abort.clone(),
+            role,
+        }),
     };
     let (finished, results) =
         S::outcome(args.run_dist(be, collective.as_mut(), global_batch, &mut hooks)?);
@@ -330,6 +374,7 @@ struct StageHooks {
     /// Checkpoint steps this rank reported, oldest first.
     reported: Vec<u64>,
     step_delay: Duration,
+    exchange: Option<CoordinatorExchange>,
 }
 
 impl TrainHooks for StageHooks {
@@ -381,6 +426,12 @@ impl TrainHooks for StageHooks {
     /// is committed, and a recovery may resume from it.
     fn protected_checkpoint(&self) -> Option<u64> {
         self.reported.iter().rev().nth(1).copied()
+    }
+
+    fn take_rollout_exchange(&mut self) -> Option<Box<dyn RolloutExchange>> {
+        self.exchange
+            .take()
+            .map(|x| Box::new(x) as Box<dyn RolloutExchange>)
     }
 
     fn check_continue(&self) -> Result<()> {

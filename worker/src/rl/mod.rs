@@ -7,6 +7,7 @@
 
 pub mod advantages;
 pub mod dpo;
+pub mod exchange;
 pub mod grpo;
 pub mod grpo_data;
 pub mod kl;

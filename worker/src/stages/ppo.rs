@@ -35,6 +35,7 @@ use crate::model::generate::GenerationConfig;
 use crate::model::params::Head;
 use crate::model::pretrained::VALUE_HEAD_FILE;
 use crate::model::{Llama, TrainMode};
+use crate::rl::exchange::{Role, RolloutExchange, RolloutTask, SampledRollout};
 use crate::rl::kl::KlController;
 use crate::rl::ppo::{
     compute_advantages, shape_scores, update, KlPenalty, PpoConfig, PpoState, RunningMoments,
@@ -159,6 +160,12 @@ pub struct PpoFlags {
     /// Rollouts per forward when computing log-probabilities, values and scores.
     #[arg(long = "forward_batch_size", default_value_t = 8)]
     pub forward_batch_size: usize,
+    /// Under a coordinator: this many of the stage's workers (the last
+    /// ranks) only sample and score rollouts, with the policy the trainers
+    /// ship them after each update (the adapter and value head, not the
+    /// base); the others train. 0: every worker does both.
+    #[arg(long = "rollout_workers", default_value_t = 0)]
+    pub rollout_workers: usize,
     /// Total rollouts per worker; iterations = ceil(max_steps / batch_size) (TRL's `steps`).
     #[arg(long = "max_steps", default_value_t = 200)]
     pub max_steps: u64,
@@ -314,6 +321,19 @@ fn rollouts_of_share<B: Backend>(
     step: u64,
     share: usize,
 ) -> Result<Vec<Rollout>> {
+    let mut rollouts = sample_share(model, reward, ctx, step, share)?;
+    annotate(model, ctx, &mut rollouts)?;
+    Ok(rollouts)
+}
+
+/// The responses of one share, sampled and scored (what a rollout worker does).
+fn sample_share<B: Backend>(
+    model: &mut Llama<B>,
+    reward: &mut RewardModel<B>,
+    ctx: &Ctx<'_>,
+    step: u64,
+    share: usize,
+) -> Result<Vec<Rollout>> {
     let first = step * ctx.rollouts_per_step + (share * ctx.batch_size) as u64;
     let keys: Vec<u64> = (first..first + ctx.batch_size as u64).collect();
     let queries: Vec<(usize, &[u32])> = keys
@@ -325,6 +345,16 @@ fn rollouts_of_share<B: Backend>(
         .collect();
     let mut rollouts = sample_responses(model, ctx.tokenizer, &queries, &keys, &ctx.gen, ctx.seed)?;
     score(model, reward, ctx.prompts, &mut rollouts)?;
+    Ok(rollouts)
+}
+
+/// Log-probabilities, values and entropies of the policy, and the
+/// reference's log-probabilities (adapter off), of sampled rollouts.
+fn annotate<B: Backend>(
+    model: &mut Llama<B>,
+    ctx: &Ctx<'_>,
+    rollouts: &mut [Rollout],
+) -> Result<()> {
     let refs: Vec<&Rollout> = rollouts.iter().collect();
     let pol = response_outputs(model, &refs, ctx.pad_id, ctx.forward_batch, true)?;
     model.set_adapter_enabled(false);
@@ -339,7 +369,106 @@ fn rollouts_of_share<B: Backend>(
         r.entropy = entropy[i].clone();
         r.ref_logp = reference.logp[i].clone();
     }
-    Ok(rollouts)
+    Ok(())
+}
+
+/// A share as a rollout worker sent it, back to rollouts of this run's
+/// prompts (checked against the keys the share must hold).
+fn received_share(
+    ctx: &Ctx<'_>,
+    step: u64,
+    share: usize,
+    sampled: Vec<SampledRollout>,
+) -> Result<Vec<Rollout>> {
+    let first = step * ctx.rollouts_per_step + (share * ctx.batch_size) as u64;
+    let keys: Vec<u64> = sampled.iter().map(|r| r.key).collect();
+    let expected: Vec<u64> = (first..first + ctx.batch_size as u64).collect();
+    if keys != expected {
+        bail!("share {share} of iteration {step} came back with rollout keys {keys:?}, not {expected:?}");
+    }
+    Ok(sampled
+        .into_iter()
+        .map(|r| {
+            let p = prompt_at(ctx.prompts.len(), ctx.seed, r.key);
+            Rollout {
+                key: r.key,
+                prompt: p,
+                query: ctx.prompts[p].ids.clone(),
+                response: r.response,
+                response_text: r.response_text,
+                finished: r.finished,
+                raw_score: r.raw_score,
+                ..Default::default()
+            }
+        })
+        .collect())
+}
+
+/// A rollout worker of a split stage: sample and score the shares the
+/// coordinator hands out, each with the policy of its iteration, until the
+/// trainers are done. Returns the last iteration served.
+fn serve_rollouts<B: Backend>(
+    model: &mut Llama<B>,
+    reward: &mut RewardModel<B>,
+    ctx: &Ctx<'_>,
+    exchange: &mut dyn RolloutExchange,
+    hooks: &mut dyn TrainHooks,
+    checkpoint_steps: impl Fn(u64) -> Vec<u64>,
+) -> Result<u64> {
+    let n = model.layout.train_len;
+    let mut have = None;
+    // Checkpoints are committed once every rank reports them: a trainer
+    // writes the one of step i before it publishes iteration i's policy.
+    let mut reported = 0;
+    let mut report_upto = |upto: u64, hooks: &mut dyn TrainHooks| -> Result<()> {
+        let due: Vec<u64> = checkpoint_steps(upto)
+            .into_iter()
+            .filter(|&s| s > reported)
+            .collect();
+        for s in due {
+            hooks.on_checkpoint(s, None)?;
+            reported = s;
+        }
+        Ok(())
+    };
+    while let Some(task) = exchange.next_task()? {
+        hooks.check_continue()?;
+        report_upto(task.iteration, hooks)?;
+        if have != Some(task.iteration) {
+            let values = exchange.fetch_policy(task.iteration)?;
+            if values.len() != n {
+                bail!(
+                    "the policy of iteration {} has {} trainable values; this worker's has {n} (different LoRA settings?)",
+                    task.iteration,
+                    values.len()
+                );
+            }
+            model
+                .be
+                .write(model.be.view_mut(&mut model.train, 0..n), &values)?;
+            have = Some(task.iteration);
+        }
+        let t = Instant::now();
+        let rollouts = sample_share(model, reward, ctx, task.iteration, task.share)?;
+        let sampled: Vec<SampledRollout> = rollouts
+            .into_iter()
+            .map(|r| SampledRollout {
+                key: r.key,
+                response: r.response,
+                response_text: r.response_text,
+                finished: r.finished,
+                raw_score: r.raw_score,
+            })
+            .collect();
+        exchange.submit(task, &sampled, t.elapsed().as_secs_f64())?;
+        tracing::debug!(
+            iteration = task.iteration,
+            share = task.share,
+            "share sampled"
+        );
+    }
+    report_upto(u64::MAX, hooks)?;
+    Ok(have.map_or(0, |i| i + 1))
 }
 
 /// Set each rollout's raw score from the reward model.
@@ -503,8 +632,14 @@ pub fn run_dist<B: Backend>(
 ) -> Result<PpoResult> {
     let p = &args.ppo;
     let cfg = args.config();
+    // Split stage: rollout workers only sample; the collective is the trainers'.
+    let mut exchange = hooks.take_rollout_exchange();
+    let rollout_only = exchange.as_ref().is_some_and(|x| x.role() == Role::Rollout);
+    if p.rollout_workers > 0 && exchange.is_none() {
+        bail!("--rollout_workers {} needs a coordinator (a ppo stage of a pipeline) to hand rollouts between workers", p.rollout_workers);
+    }
     let (rank, world) = (collective.rank(), collective.world_size());
-    let is_main = rank == 0;
+    let is_main = rank == 0 && !rollout_only;
     if p.batch_size == 0 || p.forward_batch_size == 0 || p.max_target_length == 0 {
         bail!("batch_size, forward_batch_size and max_target_length must be > 0");
     }
@@ -653,6 +788,33 @@ pub fn run_dist<B: Backend>(
         .as_ref()
         .map(|a| checkpoint::resolve(a, out_dir))
         .transpose()?;
+    if let (true, Some(x)) = (rollout_only, exchange.as_mut()) {
+        let resumed_at = match &resume_dir {
+            Some(d) => checkpoint::load_state(d)?.global_step,
+            None => 0,
+        };
+        let save_steps = p.save_steps;
+        let checkpoint_steps = |upto: u64| -> Vec<u64> {
+            (resumed_at + 1..=upto.min(total_steps))
+                .filter(|&s| save_steps > 0 && (s % save_steps == 0 || s == total_steps))
+                .collect()
+        };
+        let steps = serve_rollouts(
+            &mut model,
+            &mut reward,
+            &ctx,
+            x.as_mut(),
+            hooks,
+            checkpoint_steps,
+        )?;
+        return Ok(PpoResult {
+            steps,
+            finished: true,
+            initial_eval: None,
+            eval: None,
+            results: serde_json::Value::Null,
+        });
+    }
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let mut metrics = if is_main {
         Some(Metrics::open(&out_dir.join("metrics.jsonl"))?)
@@ -703,11 +865,34 @@ pub fn run_dist<B: Backend>(
         hooks.check_continue()?;
         let t_roll = Instant::now();
         let mut shares = Vec::with_capacity(my_shares.len());
-        for &s in &my_shares {
-            shares.push((
-                s,
-                rollouts_of_share(&mut model, &mut reward, &ctx, step, s)?,
-            ));
+        let mut policy_bytes = 0;
+        match exchange.as_mut() {
+            None => {
+                for &s in &my_shares {
+                    shares.push((
+                        s,
+                        rollouts_of_share(&mut model, &mut reward, &ctx, step, s)?,
+                    ));
+                }
+            }
+            Some(x) => {
+                // Ship the policy (trainable values only), then take this
+                // trainer's shares back from the rollout workers.
+                if is_main {
+                    let n = model.layout.train_len;
+                    let values = model.be.download(model.be.view(&model.train, 0..n))?;
+                    policy_bytes = x.publish_policy(step, n_shares, &values)?;
+                }
+                for &s in &my_shares {
+                    let (sampled, _) = x.fetch(RolloutTask {
+                        iteration: step,
+                        share: s,
+                    })?;
+                    let mut rs = received_share(&ctx, step, s, sampled)?;
+                    annotate(&mut model, &ctx, &mut rs)?;
+                    shares.push((s, rs));
+                }
+            }
         }
         let rollout_secs = t_roll.elapsed().as_secs_f64();
         // Score shaping and advantages over all shares of all ranks.
@@ -749,6 +934,10 @@ pub fn run_dist<B: Backend>(
             rollout_secs,
             update_secs,
         );
+        let mut record = record;
+        if exchange.is_some() {
+            record["sync/policy_bytes"] = json!(policy_bytes);
+        }
         let reward_mean = record["env/reward_mean"].as_f64().unwrap_or(f64::NAN);
         let tps = record["time/rollout_tokens_per_sec"]
             .as_f64()
@@ -809,6 +998,9 @@ pub fn run_dist<B: Backend>(
         if p.stop_after_steps.is_some_and(|n| step - start_step >= n) && step < total_steps {
             progress.finish();
             tracing::warn!(step, "stopping early as asked (stop_after_steps)");
+            if let (true, Some(x)) = (is_main, exchange.as_mut()) {
+                x.finish()?;
+            }
             return Ok(PpoResult {
                 steps: step,
                 finished: false,
@@ -819,6 +1011,9 @@ pub fn run_dist<B: Backend>(
         }
     }
     progress.finish();
+    if let (true, Some(x)) = (is_main, exchange.as_mut()) {
+        x.finish()?;
+    }
     let eval = if is_main && (!valid.is_empty() || qa.is_some()) {
         let e = evaluate(&mut model, &mut reward, &ctx, &valid, &greedy, qa)?;
         tracing::info!(reward = e.reward_greedy, kl = e.kl_sampled, accuracy = ?e.qa.as_ref().map(|q| q.accuracy), "after PPO");
@@ -851,6 +1046,12 @@ pub fn run_dist<B: Backend>(
         "reward_model": placement.describe(),
         "kl_coef": state.kl.value,
         "template": format.name(),
+        "split": exchange.is_some().then(|| json!({
+            "trainers": world,
+            "rollout_workers": p.rollout_workers,
+            "policy_bytes_per_sync": model.layout.train_len * 4,
+            "base_values_not_shipped": model.layout.frozen_len,
+        })),
         "initial_eval": result.initial_eval,
         "eval": result.eval,
     });

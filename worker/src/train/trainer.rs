@@ -386,6 +386,11 @@ pub trait TrainHooks {
     fn check_continue(&self) -> Result<()> {
         Ok(())
     }
+    /// A PPO stage split into trainer and rollout workers: this rank's
+    /// link to the others (taken once; None when every rank does both).
+    fn take_rollout_exchange(&mut self) -> Option<Box<dyn crate::rl::exchange::RolloutExchange>> {
+        None
+    }
 }
 
 /// No coordinator: nothing to report.

@@ -358,8 +358,11 @@ fn a_likelihood_reward_model_ranks_pairs_and_drives_ppo_on_the_shared_base() {
         .ok();
     let r = read_json(&rm.join("all_results.json"));
     assert_eq!(r["score_type"], "likelihood");
+    // The PT model's own likelihood may already rank them: training widens
+    // the margin and lowers the pairwise loss.
+    assert!(num(&r, "eval_loss") < num(&r, "initial_eval_loss"), "{r}");
     assert!(
-        num(&r, "eval_accuracy") > num(&r, "initial_eval_accuracy"),
+        num(&r, "eval_mean_margin") > num(&r, "initial_eval_mean_margin") + 1.0,
         "{r}"
     );
     assert!(num(&r, "eval_accuracy") >= 0.9, "{r}");

@@ -528,13 +528,14 @@ impl DemoDomain {
     pub fn write_qa_datasets(&self, out_dir: &Path) -> Result<QaDatasets> {
         use serde_json::json;
         let (train, heldout) = self.qa_split();
-        let sft_line = |f: &FactQuestion| {
+        let sft_line = |f: &FactQuestion, answer: &str| {
             json!({"conversations": [
                 {"from": "human", "value": f.question},
-                {"from": "gpt", "value": f.answer},
+                {"from": "gpt", "value": answer},
             ]})
             .to_string()
         };
+        let sft_train = self.sft_training_answers(&train);
         let rm_line = |f: &FactQuestion| {
             json!({
                 "conversations": [{"from": "human", "value": f.question}],
@@ -552,14 +553,17 @@ impl DemoDomain {
             reward: out_dir.join("reward"),
             heldout: out_dir.join("heldout_qa.jsonl"),
         };
-        for (split, items, pairs) in [
-            ("train", &train, &train_pairs),
-            ("valid", &heldout, &heldout),
+        let sft_valid: Vec<String> = heldout.iter().map(|f| f.answer.clone()).collect();
+        for (split, items, answers, pairs) in [
+            ("train", &train, &sft_train, &train_pairs),
+            ("valid", &heldout, &sft_valid, &heldout),
         ] {
-            write_atomic(
-                &out.sft.join(split).join("qa.jsonl"),
-                lines(items, &sft_line).as_bytes(),
-            )?;
+            let sft: String = items
+                .iter()
+                .zip(answers)
+                .map(|(f, a)| sft_line(f, a) + "\n")
+                .collect();
+            write_atomic(&out.sft.join(split).join("qa.jsonl"), sft.as_bytes())?;
             write_atomic(
                 &out.reward.join(split).join("pairs.jsonl"),
                 lines(pairs, &rm_line).as_bytes(),
@@ -573,6 +577,25 @@ impl DemoDomain {
         Ok(out)
     }
 
+    /// The SFT answer of each training question: the fact, or for a seeded
+    /// [`EVASIVE_SFT_PERCENT`] % of them one of the [`EVASIONS`] — SFT data
+    /// gathered from people has such replies, and removing them is a job
+    /// RLHF does: the reward model ranks the fact above them, and PPO learns
+    /// from sampled evasions to stop giving them.
+    pub fn sft_training_answers(&self, train: &[FactQuestion]) -> Vec<String> {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x0e7a_5107);
+        train
+            .iter()
+            .map(|f| {
+                if rng.random_range(0..100) < EVASIVE_SFT_PERCENT {
+                    EVASIONS[rng.random_range(0..EVASIONS.len())].to_string()
+                } else {
+                    f.answer.clone()
+                }
+            })
+            .collect()
+    }
+
     /// Reward training pairs of the training questions: each question's own
     /// wrong answer, plus up to [`EXTRA_NEGATIVES`] more wrong answers: this
     /// question's statement with the value of another question of the same
@@ -581,12 +604,17 @@ impl DemoDomain {
     /// the answer against the question rather than to memorise which of two
     /// strings won. And up to [`OFF_QUESTION_NEGATIVES`] true sentences about
     /// the same subject that answer another question (held-out pairs keep
-    /// only the same-sentence, other-value kind).
+    /// only the same-sentence, other-value kind). And the fact against one of
+    /// the [`EVASIONS`].
     fn reward_training_pairs(&self, train: &[FactQuestion]) -> Vec<FactQuestion> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x4e6e_9a71);
         let mut out = Vec::new();
         for f in train {
             out.push(f.clone());
+            out.push(FactQuestion {
+                wrong: EVASIONS[rng.random_range(0..EVASIONS.len())].to_string(),
+                ..f.clone()
+            });
             let mut others: Vec<&FactQuestion> = train
                 .iter()
                 .filter(|o| {
@@ -663,6 +691,17 @@ impl DemoDomain {
         Ok(())
     }
 }
+
+/// Replies that answer nothing, as some human-written SFT answers do.
+pub const EVASIONS: [&str; 4] = [
+    "I am not sure.",
+    "I do not know the answer to that.",
+    "Please ask a doctor about that.",
+    "Sorry, I cannot answer that.",
+];
+
+/// The share of SFT training answers that are evasions.
+pub const EVASIVE_SFT_PERCENT: u32 = 25;
 
 /// Extra rejected answers per training question in the reward data.
 pub const EXTRA_NEGATIVES: usize = 4;
@@ -952,16 +991,20 @@ mod tests {
         let dom = DemoDomain::new(9);
         let (train, _) = dom.qa_split();
         let pairs = dom.reward_training_pairs(&train);
-        assert!(pairs.len() > train.len() * (1 + EXTRA_NEGATIVES) * 9 / 10);
+        assert!(pairs.len() > train.len() * (2 + EXTRA_NEGATIVES) * 9 / 10);
         let mut seen = HashSet::new();
         let answers: HashSet<&str> = train.iter().map(|f| f.answer.as_str()).collect();
-        let mut off_question = 0;
+        let (mut off_question, mut evasive) = (0, 0);
         for p in &pairs {
             assert!(!p.is_answered_by(&p.wrong), "{p:?}");
             assert!(
                 seen.insert((p.question.clone(), p.wrong.clone())),
                 "duplicate {p:?}"
             );
+            if EVASIONS.contains(&p.wrong.as_str()) {
+                evasive += 1;
+                continue;
+            }
             if answers.contains(p.wrong.as_str()) {
                 // Another question's true answer, about the same subject.
                 off_question += 1;
@@ -980,6 +1023,38 @@ mod tests {
             off_question > train.len(),
             "{off_question} off-question negatives"
         );
+        assert_eq!(
+            evasive,
+            train.len(),
+            "one fact-over-evasion pair per question"
+        );
+    }
+
+    #[test]
+    fn a_quarter_of_the_sft_answers_evade_and_the_rest_state_the_fact() {
+        let dom = DemoDomain::new(9);
+        let (train, _) = dom.qa_split();
+        let answers = dom.sft_training_answers(&train);
+        assert_eq!(answers, dom.sft_training_answers(&train), "seeded");
+        let evasive = answers
+            .iter()
+            .zip(&train)
+            .filter(|(a, f)| {
+                if EVASIONS.contains(&a.as_str()) {
+                    assert!(!f.is_answered_by(a));
+                    true
+                } else {
+                    assert_eq!(*a, &f.answer);
+                    false
+                }
+            })
+            .count();
+        let share = 100.0 * evasive as f64 / train.len() as f64;
+        assert!((20.0..30.0).contains(&share), "{share:.1} % evasive");
+        // Every evasion is used.
+        for e in EVASIONS {
+            assert!(answers.iter().any(|a| a == e), "{e}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::model::pretrained::{
 use crate::model::{Adapter, Batch, Llama, ModelConfig};
 use crate::rl::prompts::TokenisedPrompt;
 use crate::rl::rollout::Rollout;
-use crate::stages::rm::{answer_start, read_score_type, PairFormat, ScoreType};
+use crate::stages::rm::{likelihood_row, read_score_type, PairFormat, ScoreType};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use rlhf_kernels::Backend;
@@ -216,6 +216,8 @@ impl<B: Backend> RewardModel<B> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RewardText {
     pub prompt: String,
+    /// The response alone (what a likelihood RM scores, after `prompt`).
+    pub response: String,
     pub full: String,
 }
 
@@ -225,16 +227,13 @@ impl<B: Backend> RewardModel<B> {
     pub fn score(&mut self, policy: &mut Llama<B>, texts: &[RewardText]) -> Result<Vec<f32>> {
         let mut rows = Vec::with_capacity(texts.len());
         for t in texts {
-            let mut ids = self.tokenizer.encode(&t.full, true)?;
+            let (mut ids, mut start) = match self.score_type {
+                ScoreType::Head => (self.tokenizer.encode(&t.full, true)?, 0),
+                ScoreType::Likelihood => likelihood_row(&self.tokenizer, &t.prompt, &t.response)?,
+            };
             if ids.is_empty() {
                 bail!("a reward-model text tokenises to nothing: {:?}", t.full);
             }
-            let mut start = match self.score_type {
-                ScoreType::Head => 0,
-                ScoreType::Likelihood => {
-                    answer_start(&self.tokenizer.encode(&t.prompt, true)?, &ids)
-                }
-            };
             if ids.len() > self.max_length {
                 let cut = ids.len() - self.max_length;
                 ids.drain(..cut);
@@ -290,6 +289,7 @@ impl<B: Backend> RewardModel<B> {
                 let p = &prompts[r.prompt].prompt;
                 Ok(RewardText {
                     prompt: p.render_reward_prompt(&self.format)?,
+                    response: r.response_text.trim().to_string(),
                     full: p.render_for_reward(&self.format, r.response_text.trim())?,
                 })
             })

@@ -244,6 +244,26 @@ pub struct PairTokens {
     pub rejected_start: usize,
 }
 
+/// A likelihood reward model's row: the prompt's tokens, the answer's, then
+/// the tokenizer's EOS — the sequence SFT trains (MedicalGPT appends EOS
+/// after each answer instead of the template's end-of-turn text, which the
+/// model never learned to predict after an answer) — and the index of the
+/// first answer token.
+pub fn likelihood_row(
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    answer: &str,
+) -> Result<(Vec<u32>, usize)> {
+    let eos = tokenizer.eos_id().context(
+        "a likelihood reward model scores the answer up to EOS, and the tokenizer has no eos_token",
+    )?;
+    let mut ids = tokenizer.encode(prompt, true)?;
+    let start = ids.len();
+    ids.extend(tokenizer.encode(answer, false)?);
+    ids.push(eos);
+    Ok((ids, start))
+}
+
 /// Where the answer begins in `full`: after the longest common prefix with
 /// the prompt's tokens (a merge across the boundary puts that token in the answer).
 pub fn answer_start(prompt: &[u32], full: &[u32]) -> usize {
@@ -456,25 +476,43 @@ pub struct TokenisedPairs {
 }
 
 /// Render and tokenise (with the tokenizer's default special tokens) every
-/// pair; as MedicalGPT, pairs with a side of 0 or more than `max_len` tokens
-/// are left out (counted).
+/// pair — the whole rendered conversation for a score head, a
+/// [`likelihood_row`] for a likelihood RM; as MedicalGPT, pairs with a side
+/// of 0 or more than `max_len` tokens are left out (counted).
 pub fn tokenise_pairs(
     tokenizer: &Tokenizer,
     format: &PairFormat,
     pairs: &[PreferencePair],
     max_len: usize,
+    score_type: ScoreType,
 ) -> Result<TokenisedPairs> {
     let mut out = TokenisedPairs::default();
     for pair in pairs {
-        let (c, r) = pair_texts(pair, &|p, a| format.render(p, a))?;
-        let chosen = tokenizer.encode(&c, true)?;
-        let rejected = tokenizer.encode(&r, true)?;
-        let prompt = tokenizer.encode(&format.render_prompt(pair)?, true)?;
+        let ((chosen, chosen_start), (rejected, rejected_start)) = match score_type {
+            ScoreType::Head => {
+                let (c, r) = pair_texts(pair, &|p, a| format.render(p, a))?;
+                let chosen = tokenizer.encode(&c, true)?;
+                let rejected = tokenizer.encode(&r, true)?;
+                let prompt = tokenizer.encode(&format.render_prompt(pair)?, true)?;
+                let (cs, rs) = (
+                    answer_start(&prompt, &chosen),
+                    answer_start(&prompt, &rejected),
+                );
+                ((chosen, cs), (rejected, rs))
+            }
+            ScoreType::Likelihood => {
+                let prompt = format.render_prompt(pair)?;
+                (
+                    likelihood_row(tokenizer, &prompt, &pair.chosen)?,
+                    likelihood_row(tokenizer, &prompt, &pair.rejected)?,
+                )
+            }
+        };
         let fits = |ids: &[u32]| !ids.is_empty() && ids.len() <= max_len;
         if fits(&chosen) && fits(&rejected) {
             out.pairs.push(PairTokens {
-                chosen_start: answer_start(&prompt, &chosen),
-                rejected_start: answer_start(&prompt, &rejected),
+                chosen_start,
+                rejected_start,
                 chosen,
                 rejected,
             });
@@ -574,8 +612,9 @@ pub fn run_dist<B: Backend>(
     } = read_split_pairs(&args.data)?;
     let max_len = args.data.max_source_length + args.data.max_target_length;
     let format = PairFormat::resolve(args.data.template_name.as_deref(), &tokenizer)?;
-    let train = tokenise_pairs(&tokenizer, &format, &train_pairs, max_len)?;
-    let eval = tokenise_pairs(&tokenizer, &format, &valid_pairs, max_len)?;
+    let score_type = args.data.score_type;
+    let train = tokenise_pairs(&tokenizer, &format, &train_pairs, max_len, score_type)?;
+    let eval = tokenise_pairs(&tokenizer, &format, &valid_pairs, max_len, score_type)?;
     if !skipped.is_empty() {
         tracing::warn!(
             skipped = skipped.len(),
@@ -611,7 +650,6 @@ pub fn run_dist<B: Backend>(
             bail!("modules_to_save lm_head: a reward model has no lm_head (its score head is always trained in full)");
         }
     }
-    let score_type = args.data.score_type;
     let mut model = super::load_stage_model(
         be,
         &args.model,
@@ -719,6 +757,63 @@ pub fn run_dist<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_likelihood_row_scores_the_tokens_sft_trained_the_answer_with() {
+        use crate::data::chat::{Message, Role};
+        use crate::data::sft::{preprocess_dialog, SftTokenizeArgs};
+        use crate::data::template::ChatFormat;
+        let texts: Vec<String> = (0..40)
+            .map(|i| {
+                format!("What is the cause of Kypo {i}? The cause of Kypo {i} is the Sopin virus.")
+            })
+            .collect();
+        let tok = crate::tokenizer::train_byte_level_bpe(&texts, 400).unwrap();
+        let (q, a) = (
+            "What is the cause of Kypo 3?",
+            "The cause of Kypo 3 is the Sopin virus.",
+        );
+        let format = PairFormat::resolve(None, &tok).unwrap();
+        let pair = PreferencePair {
+            system: None,
+            history: vec![],
+            question: q.into(),
+            chosen: a.into(),
+            rejected: "I am not sure.".into(),
+        };
+        let (ids, start) = likelihood_row(&tok, &format.render_prompt(&pair).unwrap(), a).unwrap();
+        // SFT's sample of the same conversation: src, then the answer and EOS
+        // as labels. The row is that sample, and it scores exactly its labels.
+        let chat = ChatFormat::resolve(None, &tok).unwrap();
+        let dialog = chat
+            .dialog(&[
+                Message::new(Role::User, q),
+                Message::new(Role::Assistant, a),
+            ])
+            .unwrap();
+        let args = SftTokenizeArgs {
+            model_max_length: 512,
+            train_on_inputs: false,
+            ignore_index: -100,
+        };
+        let (sample, dropped) = preprocess_dialog(&dialog, &tok, &args).unwrap();
+        assert_eq!(dropped, 0);
+        assert_eq!(ids, sample.input_ids);
+        let trained: Vec<usize> = (0..ids.len())
+            .filter(|&i| sample.labels[i] != -100)
+            .collect();
+        assert_eq!(trained, (start..ids.len()).collect::<Vec<_>>());
+        assert_eq!(*ids.last().unwrap(), tok.eos_id().unwrap());
+        // No end-of-turn text of the template after the answer.
+        let im_end = tok.token_to_id("<|im_end|>").unwrap();
+        assert!(!ids[start..].contains(&im_end));
+        // Both sides of a likelihood pair are such rows, sharing the prompt.
+        let pairs = tokenise_pairs(&tok, &format, &[pair], 512, ScoreType::Likelihood).unwrap();
+        let p = &pairs.pairs[0];
+        assert_eq!((&p.chosen, p.chosen_start), (&ids, start));
+        assert_eq!(p.rejected_start, start);
+        assert_eq!(p.rejected[..start], ids[..start]);
+    }
 
     #[test]
     fn pairwise_loss_is_softplus_of_minus_the_margin_with_its_gradient() {

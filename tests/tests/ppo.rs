@@ -106,7 +106,9 @@ fn ppo_setup() -> PpoSetup {
     let prompts: String = QUESTIONS[..4].iter().map(|q| conv(q)).collect();
     let valid: String = QUESTIONS.iter().map(|q| conv(q)).collect();
     ws.write("prompts/train.jsonl", prompts);
-    ws.write("prompts_valid/valid.jsonl", valid);
+    // Three times over: 18 prompts are two evaluation chunks of 16, so two
+    // workers split the evaluation.
+    ws.write("prompts_valid/valid.jsonl", valid.repeat(3));
     PpoSetup {
         pt_model,
         rm,
@@ -304,6 +306,14 @@ fn two_ppo_workers_update_bitwise_as_one_process_holding_both_shares_or_fed_by_a
     let r = read_json(&s.ws.path("two/ppo/all_results.json"));
     assert_eq!(num(&r, "rollouts_per_step"), 8.0, "{r}");
     assert!(r["split"].is_null(), "{r}");
+    // The held-out evaluation, split over the trainers, is the one process's.
+    for run in ["two_in_one", "split"] {
+        let other = read_json(&s.ws.path(&format!("{run}/ppo/all_results.json")));
+        for k in ["initial_eval", "eval"] {
+            assert!(num(&r[k], "prompts") > 0.0, "{r}");
+            assert_eq!(r[k], other[k], "{k}: 2 workers differ from {run}");
+        }
+    }
     // What crossed to the rollout worker each iteration: the LoRA adapter
     // and value head, as f32, never the base.
     let r = read_json(&s.ws.path("split/ppo/all_results.json"));

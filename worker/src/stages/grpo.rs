@@ -355,25 +355,35 @@ fn std(xs: &[f32]) -> f64 {
     }
 }
 
-/// Greedy completions of every held-out prompt, scored.
+/// Greedy completions of every held-out prompt, scored: chunk c of the
+/// prompts on rank c mod world, the sums added over the ranks in chunk order.
 fn evaluate<B: Backend>(
     model: &mut Llama<B>,
+    collective: &mut dyn Collective<B>,
     rewarder: &mut Rewarder<B>,
     tokenizer: &Tokenizer,
     eval: &[TokenisedPrompt],
     greedy: &GenerationConfig,
     qa: Option<(&[crate::demo::FactQuestion], &ChatFormat)>,
 ) -> Result<GrpoEval> {
+    // [total reward, completion tokens, one sum per reward function].
+    const SUMS: usize = 8;
+    let (rank, world) = (collective.rank(), collective.world_size());
     let mut out = GrpoEval {
         prompts: eval.len(),
         ..Default::default()
     };
     let names = rewarder.names();
+    if names.len() > SUMS - 2 {
+        bail!("at most {} reward functions", SUMS - 2);
+    }
     if !eval.is_empty() {
         const CHUNK: usize = 16;
-        let mut per_func = vec![0f64; names.len()];
-        let (mut total, mut len) = (0f64, 0f64);
+        let mut local: Vec<(usize, [f64; SUMS])> = Vec::new();
         for (c, chunk) in eval.chunks(CHUNK).enumerate() {
+            if c % world != rank {
+                continue;
+            }
             let base = (c * CHUNK) as u64;
             let queries: Vec<(usize, &[u32])> = chunk
                 .iter()
@@ -384,27 +394,31 @@ fn evaluate<B: Backend>(
             // Rollout prompts index the chunk.
             let done = sample_responses(model, tokenizer, &queries, &keys, greedy, 0)?;
             let scores = rewarder.score(model, chunk, &done)?;
-            for (acc, s) in per_func.iter_mut().zip(&scores) {
-                *acc += s.iter().map(|&x| x as f64).sum::<f64>();
-            }
-            total += rewarder
+            let mut sums = [0f64; SUMS];
+            sums[0] = rewarder
                 .total(&scores, done.len())
                 .iter()
                 .map(|&x| x as f64)
                 .sum::<f64>();
-            len += done.iter().map(|r| r.response.len() as f64).sum::<f64>();
+            sums[1] = done.iter().map(|r| r.response.len() as f64).sum::<f64>();
+            for (acc, s) in sums[2..].iter_mut().zip(&scores) {
+                *acc = s.iter().map(|&x| x as f64).sum::<f64>();
+            }
+            local.push((c, sums));
         }
+        let sums = crate::rl::shares::sum(model, collective, eval.len().div_ceil(CHUNK), &local)?;
         let n = eval.len() as f64;
-        out.reward = total / n;
-        out.completion_length = len / n;
+        out.reward = sums[0] / n;
+        out.completion_length = sums[1] / n;
         out.rewards = names
             .into_iter()
-            .zip(per_func.iter().map(|s| s / n))
+            .zip(sums[2..].iter().map(|s| s / n))
             .collect();
     }
     if let Some((items, format)) = qa {
-        out.qa = Some(super::qa_eval::answer_accuracy(
-            model, tokenizer, format, items,
+        let cfg = super::qa_eval::qa_greedy_config(tokenizer, format)?;
+        out.qa = Some(super::qa_eval::answer_accuracy_dist(
+            model, collective, tokenizer, format, items, &cfg,
         )?);
     }
     Ok(out)
@@ -697,10 +711,20 @@ pub fn run_dist<B: Backend>(
     }
 
     let has_eval = !valid.is_empty() || qa.is_some();
-    let initial_eval = if is_main && resume_dir.is_none() && has_eval {
-        let e = evaluate(&mut model, &mut rewarder, &tokenizer, &valid, &greedy, qa)?;
-        tracing::info!(reward = e.reward, accuracy = ?e.qa.as_ref().map(|q| q.accuracy), "before GRPO");
-        Some(e)
+    let initial_eval = if resume_dir.is_none() && has_eval {
+        let e = evaluate(
+            &mut model,
+            collective,
+            &mut rewarder,
+            &tokenizer,
+            &valid,
+            &greedy,
+            qa,
+        )?;
+        if is_main {
+            tracing::info!(reward = e.reward, accuracy = ?e.qa.as_ref().map(|q| q.accuracy), "before GRPO");
+        }
+        is_main.then_some(e)
     } else {
         None
     };
@@ -907,10 +931,20 @@ pub fn run_dist<B: Backend>(
         }
     }
     progress.finish();
-    let eval = if is_main && has_eval {
-        let e = evaluate(&mut model, &mut rewarder, &tokenizer, &valid, &greedy, qa)?;
-        tracing::info!(reward = e.reward, accuracy = ?e.qa.as_ref().map(|q| q.accuracy), "after GRPO");
-        Some(e)
+    let eval = if has_eval {
+        let e = evaluate(
+            &mut model,
+            collective,
+            &mut rewarder,
+            &tokenizer,
+            &valid,
+            &greedy,
+            qa,
+        )?;
+        if is_main {
+            tracing::info!(reward = e.reward, accuracy = ?e.qa.as_ref().map(|q| q.accuracy), "after GRPO");
+        }
+        is_main.then_some(e)
     } else {
         None
     };

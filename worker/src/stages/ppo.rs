@@ -489,20 +489,26 @@ fn score<B: Backend>(
 /// the sampled ones, and (with QA items) exact-answer accuracy.
 fn evaluate<B: Backend>(
     model: &mut Llama<B>,
+    collective: &mut dyn Collective<B>,
     reward: &mut RewardModel<B>,
     ctx: &Ctx<'_>,
     eval: &[TokenisedPrompt],
     greedy: &GenerationConfig,
     qa: Option<(&[crate::demo::FactQuestion], &ChatFormat)>,
 ) -> Result<PolicyEval> {
+    let (rank, world) = (collective.rank(), collective.world_size());
     let mut out = PolicyEval {
         prompts: eval.len(),
         ..Default::default()
     };
     if !eval.is_empty() {
+        // Chunk c on rank c mod world; sums per chunk, added in chunk order.
         const CHUNK: usize = 16;
-        let (mut rg, mut rs, mut kl, mut len) = (0f64, 0f64, 0f64, 0f64);
+        let mut local: Vec<(usize, [f64; 4])> = Vec::new();
         for (c, chunk) in eval.chunks(CHUNK).enumerate() {
+            if c % world != rank {
+                continue;
+            }
             let base = (c * CHUNK) as u64;
             let queries: Vec<(usize, &[u32])> = chunk
                 .iter()
@@ -528,13 +534,15 @@ fn evaluate<B: Backend>(
             let reference = response_outputs(model, &refs, ctx.pad_id, ctx.forward_batch, false);
             model.set_adapter_enabled(true);
             let reference = reference?;
-            for i in 0..sampled.len() {
-                kl += pol.logp[i]
-                    .iter()
-                    .zip(&reference.logp[i])
-                    .map(|(&a, &b)| (a - b) as f64)
-                    .sum::<f64>();
-            }
+            let kl: f64 = (0..sampled.len())
+                .map(|i| {
+                    pol.logp[i]
+                        .iter()
+                        .zip(&reference.logp[i])
+                        .map(|(&a, &b)| (a - b) as f64)
+                        .sum::<f64>()
+                })
+                .sum();
             for r in greedy_r
                 .iter()
                 .take(3usize.saturating_sub(out.samples.len()))
@@ -542,13 +550,21 @@ fn evaluate<B: Backend>(
                 let q = chunk[r.prompt].prompt.question.clone();
                 out.samples.push((q, r.response_text.clone(), r.raw_score));
             }
-            rg += greedy_r.iter().map(|r| r.raw_score as f64).sum::<f64>();
-            rs += sampled.iter().map(|r| r.raw_score as f64).sum::<f64>();
-            len += greedy_r
-                .iter()
-                .map(|r| r.response.len() as f64)
-                .sum::<f64>();
+            local.push((
+                c,
+                [
+                    greedy_r.iter().map(|r| r.raw_score as f64).sum::<f64>(),
+                    sampled.iter().map(|r| r.raw_score as f64).sum::<f64>(),
+                    kl,
+                    greedy_r
+                        .iter()
+                        .map(|r| r.response.len() as f64)
+                        .sum::<f64>(),
+                ],
+            ));
         }
+        let n_chunks = eval.len().div_ceil(CHUNK);
+        let [rg, rs, kl, len] = crate::rl::shares::sum(model, collective, n_chunks, &local)?;
         let n = eval.len() as f64;
         out.reward_greedy = rg / n;
         out.reward_sampled = rs / n;
@@ -556,16 +572,20 @@ fn evaluate<B: Backend>(
         out.response_length = len / n;
     }
     if let Some((items, format)) = qa {
-        out.qa = Some(super::qa_eval::answer_accuracy(
+        let greedy_qa = super::qa_eval::qa_greedy_config(ctx.tokenizer, format)?;
+        out.qa = Some(super::qa_eval::answer_accuracy_dist(
             model,
+            collective,
             ctx.tokenizer,
             format,
             items,
+            &greedy_qa,
         )?);
         let mut sampled = ctx.gen.clone();
         sampled.seed = ctx.seed ^ 0x9A5A;
-        out.qa_sampled = Some(super::qa_eval::answer_accuracy_with(
+        out.qa_sampled = Some(super::qa_eval::answer_accuracy_dist(
             model,
+            collective,
             ctx.tokenizer,
             format,
             items,
@@ -851,10 +871,21 @@ pub fn run_dist<B: Backend>(
         tracing::info!(checkpoint = %dir.display(), step = start_step, "resumed");
     }
 
-    let initial_eval = if is_main && resume_dir.is_none() && (!valid.is_empty() || qa.is_some()) {
-        let e = evaluate(&mut model, &mut reward, &ctx, &valid, &greedy, qa)?;
-        tracing::info!(reward = e.reward_greedy, kl = e.kl_sampled, accuracy = ?e.qa.as_ref().map(|q| q.accuracy), "before PPO");
-        Some(e)
+    // Every trainer evaluates its part of the held-out prompts.
+    let initial_eval = if resume_dir.is_none() && (!valid.is_empty() || qa.is_some()) {
+        let e = evaluate(
+            &mut model,
+            collective,
+            &mut reward,
+            &ctx,
+            &valid,
+            &greedy,
+            qa,
+        )?;
+        if is_main {
+            tracing::info!(reward = e.reward_greedy, kl = e.kl_sampled, accuracy = ?e.qa.as_ref().map(|q| q.accuracy), "before PPO");
+        }
+        is_main.then_some(e)
     } else {
         None
     };
@@ -1014,10 +1045,20 @@ pub fn run_dist<B: Backend>(
     if let (true, Some(x)) = (is_main, exchange.as_mut()) {
         x.finish()?;
     }
-    let eval = if is_main && (!valid.is_empty() || qa.is_some()) {
-        let e = evaluate(&mut model, &mut reward, &ctx, &valid, &greedy, qa)?;
-        tracing::info!(reward = e.reward_greedy, kl = e.kl_sampled, accuracy = ?e.qa.as_ref().map(|q| q.accuracy), "after PPO");
-        Some(e)
+    let eval = if !valid.is_empty() || qa.is_some() {
+        let e = evaluate(
+            &mut model,
+            collective,
+            &mut reward,
+            &ctx,
+            &valid,
+            &greedy,
+            qa,
+        )?;
+        if is_main {
+            tracing::info!(reward = e.reward_greedy, kl = e.kl_sampled, accuracy = ?e.qa.as_ref().map(|q| q.accuracy), "after PPO");
+        }
+        is_main.then_some(e)
     } else {
         None
     };

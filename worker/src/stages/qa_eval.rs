@@ -7,6 +7,7 @@
 //! where `short` is the fact a correct reply must contain (whole words, case
 //! insensitive). Other fields are ignored.
 
+use crate::collective::Collective;
 use crate::data::chat::{Message, Role};
 use crate::data::template::ChatFormat;
 use crate::demo::FactQuestion;
@@ -71,8 +72,43 @@ pub fn answer_accuracy<B: Backend>(
     format: &ChatFormat,
     items: &[FactQuestion],
 ) -> Result<QaAccuracy> {
-    let cfg = greedy_config(tokenizer, format, MAX_NEW_TOKENS)?;
+    let cfg = qa_greedy_config(tokenizer, format)?;
     answer_accuracy_with(model, tokenizer, format, items, &cfg)
+}
+
+/// The greedy decoding [`answer_accuracy`] uses.
+pub fn qa_greedy_config(tokenizer: &Tokenizer, format: &ChatFormat) -> Result<GenerationConfig> {
+    greedy_config(tokenizer, format, MAX_NEW_TOKENS)
+}
+
+/// [`answer_accuracy_with`] over the ranks of a stage: batch c of the
+/// questions is asked by rank c mod world and the counts are summed, so no
+/// rank waits in a collective while another evaluates (a long wait would
+/// look like a dead peer). The samples are rank 0's: the first questions.
+pub fn answer_accuracy_dist<B: Backend>(
+    model: &mut Llama<B>,
+    collective: &mut dyn Collective<B>,
+    tokenizer: &Tokenizer,
+    format: &ChatFormat,
+    items: &[FactQuestion],
+    cfg: &GenerationConfig,
+) -> Result<QaAccuracy> {
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let mine: Vec<FactQuestion> = items
+        .chunks(BATCH)
+        .enumerate()
+        .filter(|(c, _)| c % world == rank)
+        .flat_map(|(_, c)| c.iter().cloned())
+        .collect();
+    let local = answer_accuracy_with(model, tokenizer, format, &mine, cfg)?;
+    let [correct] =
+        crate::rl::shares::sum(model, collective, world, &[(rank, [local.correct as f64])])?;
+    Ok(QaAccuracy {
+        accuracy: correct / items.len().max(1) as f64,
+        correct: correct as usize,
+        total: items.len(),
+        samples: local.samples,
+    })
 }
 
 /// [`answer_accuracy`] with the given decoding (e.g. sampling, as RL rollouts do).

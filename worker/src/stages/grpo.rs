@@ -357,6 +357,7 @@ fn std(xs: &[f32]) -> f64 {
 
 /// Greedy completions of every held-out prompt, scored: chunk c of the
 /// prompts on rank c mod world, the sums added over the ranks in chunk order.
+#[allow(clippy::too_many_arguments)]
 fn evaluate<B: Backend>(
     model: &mut Llama<B>,
     collective: &mut dyn Collective<B>,
@@ -365,7 +366,8 @@ fn evaluate<B: Backend>(
     eval: &[TokenisedPrompt],
     greedy: &GenerationConfig,
     qa: Option<(&[crate::demo::FactQuestion], &ChatFormat)>,
-) -> Result<GrpoEval> {
+    label: &str,
+) -> Result<Option<GrpoEval>> {
     // [total reward, completion tokens, one sum per reward function].
     const SUMS: usize = 8;
     let (rank, world) = (collective.rank(), collective.world_size());
@@ -421,7 +423,11 @@ fn evaluate<B: Backend>(
             model, collective, tokenizer, format, items, &cfg,
         )?);
     }
-    Ok(out)
+    if rank != 0 {
+        return Ok(None);
+    }
+    tracing::info!(reward = out.reward, accuracy = ?out.qa.as_ref().map(|q| q.accuracy), "{label}");
+    Ok(Some(out))
 }
 
 /// One step's statistics as logged (TRL's names).
@@ -712,7 +718,7 @@ pub fn run_dist<B: Backend>(
 
     let has_eval = !valid.is_empty() || qa.is_some();
     let initial_eval = if resume_dir.is_none() && has_eval {
-        let e = evaluate(
+        evaluate(
             &mut model,
             collective,
             &mut rewarder,
@@ -720,11 +726,8 @@ pub fn run_dist<B: Backend>(
             &valid,
             &greedy,
             qa,
-        )?;
-        if is_main {
-            tracing::info!(reward = e.reward, accuracy = ?e.qa.as_ref().map(|q| q.accuracy), "before GRPO");
-        }
-        is_main.then_some(e)
+            "before GRPO",
+        )?
     } else {
         None
     };
@@ -932,7 +935,7 @@ pub fn run_dist<B: Backend>(
     }
     progress.finish();
     let eval = if has_eval {
-        let e = evaluate(
+        evaluate(
             &mut model,
             collective,
             &mut rewarder,
@@ -940,11 +943,8 @@ pub fn run_dist<B: Backend>(
             &valid,
             &greedy,
             qa,
-        )?;
-        if is_main {
-            tracing::info!(reward = e.reward, accuracy = ?e.qa.as_ref().map(|q| q.accuracy), "after GRPO");
-        }
-        is_main.then_some(e)
+            "after GRPO",
+        )?
     } else {
         None
     };

@@ -487,6 +487,7 @@ fn score<B: Backend>(
 
 /// Greedy and sampled responses to every held-out prompt: mean scores, KL of
 /// the sampled ones, and (with QA items) exact-answer accuracy.
+#[allow(clippy::too_many_arguments)]
 fn evaluate<B: Backend>(
     model: &mut Llama<B>,
     collective: &mut dyn Collective<B>,
@@ -495,7 +496,8 @@ fn evaluate<B: Backend>(
     eval: &[TokenisedPrompt],
     greedy: &GenerationConfig,
     qa: Option<(&[crate::demo::FactQuestion], &ChatFormat)>,
-) -> Result<PolicyEval> {
+    label: &str,
+) -> Result<Option<PolicyEval>> {
     let (rank, world) = (collective.rank(), collective.world_size());
     let mut out = PolicyEval {
         prompts: eval.len(),
@@ -592,7 +594,11 @@ fn evaluate<B: Backend>(
             &sampled,
         )?);
     }
-    Ok(out)
+    if rank != 0 {
+        return Ok(None);
+    }
+    tracing::info!(reward = out.reward_greedy, kl = out.kl_sampled, accuracy = ?out.qa.as_ref().map(|q| q.accuracy), "{label}");
+    Ok(Some(out))
 }
 
 /// One step's statistics, as logged (TRL's names).
@@ -873,7 +879,7 @@ pub fn run_dist<B: Backend>(
 
     // Every trainer evaluates its part of the held-out prompts.
     let initial_eval = if resume_dir.is_none() && (!valid.is_empty() || qa.is_some()) {
-        let e = evaluate(
+        evaluate(
             &mut model,
             collective,
             &mut reward,
@@ -881,11 +887,8 @@ pub fn run_dist<B: Backend>(
             &valid,
             &greedy,
             qa,
-        )?;
-        if is_main {
-            tracing::info!(reward = e.reward_greedy, kl = e.kl_sampled, accuracy = ?e.qa.as_ref().map(|q| q.accuracy), "before PPO");
-        }
-        is_main.then_some(e)
+            "before PPO",
+        )?
     } else {
         None
     };
@@ -1046,7 +1049,7 @@ pub fn run_dist<B: Backend>(
         x.finish()?;
     }
     let eval = if !valid.is_empty() || qa.is_some() {
-        let e = evaluate(
+        evaluate(
             &mut model,
             collective,
             &mut reward,
@@ -1054,11 +1057,8 @@ pub fn run_dist<B: Backend>(
             &valid,
             &greedy,
             qa,
-        )?;
-        if is_main {
-            tracing::info!(reward = e.reward_greedy, kl = e.kl_sampled, accuracy = ?e.qa.as_ref().map(|q| q.accuracy), "after PPO");
-        }
-        is_main.then_some(e)
+            "after PPO",
+        )?
     } else {
         None
     };

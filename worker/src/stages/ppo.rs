@@ -785,16 +785,6 @@ pub fn run_dist<B: Backend>(
         .transpose()?;
     let qa = qa_items.as_deref().map(|q| (q, &format));
 
-    let mut opt = Optimizer::new(
-        &model,
-        OptimConfig {
-            weight_decay: 0.0,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            max_grad_norm: p.max_grad_norm.unwrap_or(0.0) as f32,
-        },
-    )?;
     let mut state = PpoState {
         kl: KlController {
             value: p.init_kl_coef,
@@ -841,6 +831,17 @@ pub fn run_dist<B: Backend>(
             results: serde_json::Value::Null,
         });
     }
+    // Trainers only: a rollout worker keeps no optimizer state.
+    let mut opt = Optimizer::new(
+        &model,
+        OptimConfig {
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: p.max_grad_norm.unwrap_or(0.0) as f32,
+        },
+    )?;
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let mut metrics = if is_main {
         Some(Metrics::open(&out_dir.join("metrics.jsonl"))?)

@@ -195,9 +195,9 @@ fn the_example_pipeline_loads() {
     assert_eq!(p.global_batch(1).unwrap(), 8);
     // SFT starts from the PT output, RM from the merged SFT model; both read
     // the demo's QA data.
-    for (i, data, base) in [
-        (2, "sft", "out/pipeline/pt"),
-        (4, "reward", "out/pipeline/sft-merged"),
+    for (i, data, base, batch) in [
+        (2, "sft", "out/pipeline/pt", 8),
+        (4, "reward", "out/pipeline/sft-merged", 16),
     ] {
         let argv = p.stage_argv(i).unwrap();
         assert!(argv.windows(2).any(|w| w == ["--model_name_or_path", base]));
@@ -205,7 +205,7 @@ fn the_example_pipeline_loads() {
         assert!(argv
             .windows(2)
             .any(|w| w[0] == "--train_file_dir" && w[1] == train));
-        assert_eq!(p.global_batch(i).unwrap(), 8);
+        assert_eq!(p.global_batch(i).unwrap(), batch);
     }
     assert!(p
         .stage_argv(2)

@@ -138,12 +138,12 @@ fn two_workers_of_batch_2_train_what_one_worker_of_batch_4_does() {
 }
 
 /// A coordinator, workers and their logs, as separate processes.
-struct Cluster {
+pub(crate) struct Cluster {
     root: PathBuf,
     port: u16,
     token_file: PathBuf,
     coordinator: Option<Child>,
-    workers: Vec<Child>,
+    pub workers: Vec<Child>,
     logs: Vec<PathBuf>,
 }
 
@@ -156,10 +156,10 @@ fn free_port() -> u16 {
 }
 
 impl Cluster {
-    fn new(s: &Setup) -> Cluster {
-        let token_file = s.ws.write("token", "0123456789abcdef0123456789abcdef\n");
+    pub fn new(ws: &Workspace) -> Cluster {
+        let token_file = ws.write("token", "0123456789abcdef0123456789abcdef\n");
         Cluster {
-            root: s.ws.path(""),
+            root: ws.path(""),
             port: free_port(),
             token_file,
             coordinator: None,
@@ -183,7 +183,7 @@ impl Cluster {
             .unwrap()
     }
 
-    fn start_coordinator(&mut self, pipeline: &Path) {
+    pub fn start_coordinator(&mut self, pipeline: &Path) {
         self.start_coordinator_with(pipeline, &[]);
     }
 
@@ -205,7 +205,7 @@ impl Cluster {
         self.coordinator = Some(c);
     }
 
-    fn start_worker(&mut self, step_delay_ms: u64) {
+    pub fn start_worker(&mut self, step_delay_ms: u64) {
         self.start_worker_with(step_delay_ms, "http", &[]);
     }
 
@@ -228,7 +228,7 @@ impl Cluster {
         self.workers.push(w);
     }
 
-    fn logs(&self) -> String {
+    pub fn logs(&self) -> String {
         self.logs
             .iter()
             .map(|p| {
@@ -266,7 +266,7 @@ impl Cluster {
     }
 
     /// Poll the status until `pred` holds (panics with the logs after `timeout`).
-    fn wait_status(
+    pub fn wait_status(
         &self,
         what: &str,
         timeout: Duration,
@@ -290,7 +290,7 @@ impl Cluster {
         }
     }
 
-    fn wait_coordinator(&mut self, timeout: Duration) -> ExitStatus {
+    pub fn wait_coordinator(&mut self, timeout: Duration) -> ExitStatus {
         let c = self.coordinator.as_mut().unwrap();
         let start = Instant::now();
         loop {
@@ -318,11 +318,11 @@ impl Drop for Cluster {
     }
 }
 
-fn committed_step(v: &serde_json::Value) -> u64 {
+pub(crate) fn committed_step(v: &serde_json::Value) -> u64 {
     v["stage"]["committed_step"].as_u64().unwrap_or(0)
 }
 
-fn registered_workers(v: &serde_json::Value) -> usize {
+pub(crate) fn registered_workers(v: &serde_json::Value) -> usize {
     v["workers"].as_array().map(|a| a.len()).unwrap_or(0)
 }
 
@@ -347,7 +347,7 @@ fn fault_run_with_a_committed_checkpoint() -> (Setup, Cluster, PathBuf) {
     rlhf_run(&s, &reference, &[]);
 
     let faulty = with_limit(pipeline(&s, "faulty", 2, 2, FAULT_STEPS, 2));
-    let mut c = Cluster::new(&s);
+    let mut c = Cluster::new(&s.ws);
     c.start_coordinator(&faulty);
     c.start_worker(150);
     c.wait_status("the first worker", Duration::from_secs(30), |v| {
@@ -420,7 +420,7 @@ fn a_coordinator_killed_mid_stage_resumes_from_its_journal_and_the_result_is_unc
 fn a_worker_with_the_wrong_token_is_refused() {
     let s = setup();
     let p = pipeline(&s, "p", 1, 2, 2, 2);
-    let mut c = Cluster::new(&s);
+    let mut c = Cluster::new(&s.ws);
     c.start_coordinator(&p);
     c.wait_status("the coordinator", Duration::from_secs(30), |_| true);
     let bad = s.ws.write("bad-token", "ffffffffffffffffffffffffffffffff");
@@ -495,7 +495,7 @@ fn with_mutual_tls_a_pipeline_runs_and_clients_without_the_ca_are_refused() {
         tls_fixture("other-ca.pem"),
     );
     let tls: Vec<&str> = vec!["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca];
-    let mut c = Cluster::new(&s);
+    let mut c = Cluster::new(&s.ws);
     c.start_coordinator_with(&p, &tls);
     // Workers are not placed before both joined (min_workers = 2), so the
     // status checks below run against a live coordinator.
@@ -533,7 +533,7 @@ fn with_mutual_tls_a_pipeline_runs_and_clients_without_the_ca_are_refused() {
 fn workers_started_before_the_coordinator_wait_for_it() {
     let s = setup();
     let p = pipeline(&s, "early", 2, 2, 4, 2);
-    let mut c = Cluster::new(&s);
+    let mut c = Cluster::new(&s.ws);
     c.start_worker(0);
     c.start_worker(0);
     std::thread::sleep(Duration::from_millis(1500));

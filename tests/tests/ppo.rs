@@ -4,9 +4,11 @@
 //! reward; a run stopped and resumed from its checkpoint ends bitwise where
 //! an uninterrupted one does.
 
+use crate::distributed::{committed_step, registered_workers, Cluster};
 use crate::rlhf;
 use rlhf_tests::*;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 const QUESTIONS: [&str; 6] = [
     "What should I do about fever?",
@@ -226,7 +228,7 @@ fn ppo_raises_the_reward_on_a_shared_base_and_resumes_exactly() {
 }
 
 /// The PPO stage as a pipeline for the coordinator (paths relative to the workspace).
-fn ppo_pipeline(s: &PpoSetup, name: &str, workers: usize, extra: &str) -> PathBuf {
+fn ppo_pipeline(s: &PpoSetup, name: &str, workers: usize, max_steps: u64, extra: &str) -> PathBuf {
     let rel = |p: &Path| p.strip_prefix(s.ws.path("")).unwrap().display().to_string();
     let text = format!(
         r#"[cluster]
@@ -249,7 +251,7 @@ ppo_epochs = 2
 learning_rate = 1e-3
 init_kl_coef = 0.05
 max_target_length = 48
-max_steps = 12
+max_steps = {max_steps}
 save_steps = 2
 seed = 5
 {extra}
@@ -265,11 +267,11 @@ seed = 5
 #[test]
 fn two_ppo_workers_update_bitwise_as_one_process_holding_both_shares_or_fed_by_a_rollout_worker() {
     let s = ppo_setup();
-    let two = ppo_pipeline(&s, "two", 2, "");
-    let two_in_one = ppo_pipeline(&s, "two_in_one", 2, "");
+    let two = ppo_pipeline(&s, "two", 2, 12, "");
+    let two_in_one = ppo_pipeline(&s, "two_in_one", 2, 12, "");
     // Two trainers and a third worker that only samples and scores, with the
     // adapter the trainers ship it after each update.
-    let split = ppo_pipeline(&s, "split", 3, "rollout_workers = 1");
+    let split = ppo_pipeline(&s, "split", 3, 12, "rollout_workers = 1");
     let dir = s.ws.path("");
     rlhf().run_pipeline(&dir, &two, &[]);
     rlhf().run_pipeline(&dir, &two_in_one, &["--workers", "1"]);
@@ -416,5 +418,70 @@ fn a_likelihood_reward_model_ranks_pairs_and_drives_ppo_on_the_shared_base() {
     assert!(
         last > first,
         "likelihood reward did not rise: {first} -> {last}"
+    );
+}
+
+#[test]
+fn a_rollout_worker_killed_mid_stage_is_replaced_and_the_result_is_unchanged() {
+    let s = ppo_setup();
+    // 8 iterations of 2 shares of 4 rollouts, a checkpoint every 2.
+    let steps = 4 * 8;
+    let reference = ppo_pipeline(&s, "ref", 2, steps, "");
+    rlhf().run_pipeline(&s.ws.path(""), &reference, &[]);
+    // 2 trainers and a rollout worker (the third to register: rank 2).
+    let faulty = ppo_pipeline(&s, "faulty", 3, steps, "rollout_workers = 1");
+    let mut c = Cluster::new(&s.ws);
+    c.start_coordinator(&faulty);
+    for n in 1..=3 {
+        c.start_worker(150);
+        c.wait_status("a worker", Duration::from_secs(30), |v| {
+            registered_workers(v) == n
+        });
+    }
+    c.wait_status("a committed checkpoint", Duration::from_secs(90), |v| {
+        committed_step(v) >= 2
+    });
+    let mut rollout = c.workers.remove(2);
+    rollout.kill().unwrap(); // SIGKILL
+    rollout.wait().unwrap();
+    let st = c.wait_coordinator(Duration::from_secs(180));
+    assert!(st.success(), "coordinator failed\n{}", c.logs());
+    let logs = c.logs();
+    assert!(logs.contains("worker declared dead"), "{logs}");
+    // Placed again on the two survivors (one trainer holding both shares,
+    // one rollout worker), from the committed checkpoint.
+    assert!(
+        logs.contains("world=2") && logs.contains("resume=faulty/ppo/checkpoint-"),
+        "no re-placement from a checkpoint\n{logs}"
+    );
+    for f in ["adapter_model.safetensors", "value_head.safetensors"] {
+        assert_eq!(
+            std::fs::read(s.ws.path(&format!("ref/ppo/{f}"))).unwrap(),
+            std::fs::read(s.ws.path(&format!("faulty/ppo/{f}"))).unwrap(),
+            "{f} differs from the uninterrupted run"
+        );
+    }
+    let metrics = |run: &str| {
+        read_jsonl(&s.ws.path(&format!("{run}/ppo/metrics.jsonl")))
+            .into_iter()
+            .map(|mut m| {
+                for k in [
+                    "time/rollout_tokens_per_sec",
+                    "time/rollout_s",
+                    "time/update_s",
+                    "sync/policy_bytes",
+                ] {
+                    m.as_object_mut().unwrap().remove(k);
+                }
+                m
+            })
+            .collect::<Vec<_>>()
+    };
+    let m = metrics("ref");
+    assert_eq!(m.len(), 8);
+    assert_eq!(
+        m,
+        metrics("faulty"),
+        "every iteration logged once, as uninterrupted"
     );
 }

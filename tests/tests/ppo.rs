@@ -207,24 +207,29 @@ fn ppo_raises_the_reward_on_a_shared_base_and_resumes_exactly() {
         );
     }
     assert_eq!(read_jsonl(&out2.join("metrics.jsonl")).len(), 8);
-    let strip = |v: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
-        v.into_iter()
-            .map(|mut m| {
-                for k in [
-                    "time/rollout_tokens_per_sec",
-                    "time/rollout_s",
-                    "time/update_s",
-                ] {
-                    m.as_object_mut().unwrap().remove(k);
-                }
-                m
-            })
-            .collect()
-    };
     assert_eq!(
-        strip(read_jsonl(&out.join("metrics.jsonl"))),
-        strip(read_jsonl(&out2.join("metrics.jsonl")))
+        metrics_without_timings(&out),
+        metrics_without_timings(&out2)
     );
+}
+
+/// `out_dir`'s metrics.jsonl without what depends on the clock (timings)
+/// or on the placement (bytes shipped to rollout workers).
+fn metrics_without_timings(out_dir: &Path) -> Vec<serde_json::Value> {
+    read_jsonl(&out_dir.join("metrics.jsonl"))
+        .into_iter()
+        .map(|mut m| {
+            for k in [
+                "time/rollout_tokens_per_sec",
+                "time/rollout_s",
+                "time/update_s",
+                "sync/policy_bytes",
+            ] {
+                m.as_object_mut().unwrap().remove(k);
+            }
+            m
+        })
+        .collect()
 }
 
 /// The PPO stage as a pipeline for the coordinator (paths relative to the workspace).
@@ -285,22 +290,7 @@ fn two_ppo_workers_update_bitwise_as_one_process_holding_both_shares_or_fed_by_a
             );
         }
     }
-    let metrics = |run: &str| {
-        read_jsonl(&s.ws.path(&format!("{run}/ppo/metrics.jsonl")))
-            .into_iter()
-            .map(|mut m| {
-                for k in [
-                    "time/rollout_tokens_per_sec",
-                    "time/rollout_s",
-                    "time/update_s",
-                    "sync/policy_bytes",
-                ] {
-                    m.as_object_mut().unwrap().remove(k);
-                }
-                m
-            })
-            .collect::<Vec<_>>()
-    };
+    let metrics = |run: &str| metrics_without_timings(&s.ws.path(&format!("{run}/ppo")));
     let m = metrics("two");
     assert_eq!(m.len(), 3);
     assert_eq!(m, metrics("two_in_one"));
@@ -461,22 +451,7 @@ fn a_rollout_worker_killed_mid_stage_is_replaced_and_the_result_is_unchanged() {
             "{f} differs from the uninterrupted run"
         );
     }
-    let metrics = |run: &str| {
-        read_jsonl(&s.ws.path(&format!("{run}/ppo/metrics.jsonl")))
-            .into_iter()
-            .map(|mut m| {
-                for k in [
-                    "time/rollout_tokens_per_sec",
-                    "time/rollout_s",
-                    "time/update_s",
-                    "sync/policy_bytes",
-                ] {
-                    m.as_object_mut().unwrap().remove(k);
-                }
-                m
-            })
-            .collect::<Vec<_>>()
-    };
+    let metrics = |run: &str| metrics_without_timings(&s.ws.path(&format!("{run}/ppo")));
     let m = metrics("ref");
     assert_eq!(m.len(), 8);
     assert_eq!(

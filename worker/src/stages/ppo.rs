@@ -326,6 +326,13 @@ fn rollouts_of_share<B: Backend>(
     Ok(rollouts)
 }
 
+/// The rollout keys of share `share` of iteration `step` (each key picks a
+/// prompt and seeds its sampling).
+fn share_keys(ctx: &Ctx<'_>, step: u64, share: usize) -> std::ops::Range<u64> {
+    let first = step * ctx.rollouts_per_step + (share * ctx.batch_size) as u64;
+    first..first + ctx.batch_size as u64
+}
+
 /// The responses of one share, sampled and scored (what a rollout worker does).
 fn sample_share<B: Backend>(
     model: &mut Llama<B>,
@@ -334,8 +341,7 @@ fn sample_share<B: Backend>(
     step: u64,
     share: usize,
 ) -> Result<Vec<Rollout>> {
-    let first = step * ctx.rollouts_per_step + (share * ctx.batch_size) as u64;
-    let keys: Vec<u64> = (first..first + ctx.batch_size as u64).collect();
+    let keys: Vec<u64> = share_keys(ctx, step, share).collect();
     let queries: Vec<(usize, &[u32])> = keys
         .iter()
         .map(|&k| {
@@ -380,9 +386,8 @@ fn received_share(
     share: usize,
     sampled: Vec<SampledRollout>,
 ) -> Result<Vec<Rollout>> {
-    let first = step * ctx.rollouts_per_step + (share * ctx.batch_size) as u64;
     let keys: Vec<u64> = sampled.iter().map(|r| r.key).collect();
-    let expected: Vec<u64> = (first..first + ctx.batch_size as u64).collect();
+    let expected: Vec<u64> = share_keys(ctx, step, share).collect();
     if keys != expected {
         bail!("share {share} of iteration {step} came back with rollout keys {keys:?}, not {expected:?}");
     }
@@ -406,7 +411,7 @@ fn received_share(
 
 /// A rollout worker of a split stage: sample and score the shares the
 /// coordinator hands out, each with the policy of its iteration, until the
-/// trainers are done. Returns the last iteration served.
+/// trainers are done. Returns the iterations done when it last sampled.
 fn serve_rollouts<B: Backend>(
     model: &mut Llama<B>,
     reward: &mut RewardModel<B>,

@@ -345,21 +345,13 @@ impl Core {
     }
 
     pub async fn get_assignment(&self, id: &str) -> Result<proto::Assignment, Status> {
-        let deadline = tokio::time::Instant::now() + LONG_POLL;
-        loop {
-            let mut rx = self.subscribe();
-            match self.assignment_step(id)? {
-                Ok(a) => return Ok(a),
-                Err(reason) => {
-                    if tokio::time::Instant::now() >= deadline {
-                        return Ok(proto::Assignment {
-                            kind: Some(proto::assignment::Kind::Wait(proto::Wait { reason })),
-                        });
-                    }
-                }
-            }
-            let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
-        }
+        let mut reason = String::new();
+        let assignment = self
+            .long_poll(|| Ok(self.assignment_step(id)?.map_err(|r| reason = r).ok()))
+            .await?;
+        Ok(assignment.unwrap_or(proto::Assignment {
+            kind: Some(proto::assignment::Kind::Wait(proto::Wait { reason })),
+        }))
     }
 
     pub async fn rendezvous(
